@@ -1,0 +1,41 @@
+"""The registry of trainable components. Entries are import strings, so `train.py vqgan` never imports CLIP."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+
+@dataclass
+class Component:
+    """What a stage package gives the launcher.
+
+    name: the command-line name (``python train.py NAME``).
+    schema: a dataclass subclassing :class:`launch.config.RunConfig` with the component's own sections.
+    build: ``build(cfg) -> LightningModule``; the module must implement ``export(out_dir)`` writing its
+        ``save_pretrained`` folder, and may implement ``fsdp_blocks()`` (modules to shard with FSDP2).
+    data_mode: the data module mode the component reads ("images" or "codes").
+    """
+
+    name: str
+    schema: type
+    build: Callable[[DictConfig], pl.LightningModule]
+    data_mode: str = "images"
+
+
+# name -> "module:attribute" of a Component instance
+REGISTRY: dict[str, str] = {
+    "vqgan": "vqgan.training:COMPONENT",
+    "bart_prior": "bart_prior.training:COMPONENT",
+    "clip": "clip_rank.training:COMPONENT",
+}
+
+
+def get_component(name: str) -> Component:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown component '{name}'; choose one of: {', '.join(sorted(REGISTRY))}")
+    module_name, attr = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module_name), attr)

@@ -1,0 +1,125 @@
+"""Typed run configuration: dataclass schemas + omegaconf YAML files with `extends` and dotlist overrides.
+
+Every component's run config is a dataclass that subclasses :class:`RunConfig` and adds its own sections
+(``model``, ``loss``, ``optim``...). Files are merged one at a time onto the structured schema, so a misspelled key
+or a wrong type is reported with the file it came from, before any data is read.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line naming the key and where it came from."""
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments for ``pl.Trainer`` plus the strategy choice; see configs/trainer/*.yaml."""
+
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: Any = 1  # int or "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp
+    precision: str = "32-true"  # 32-true | bf16-mixed | bf16-true | 16-mixed
+    max_steps: int = 1000
+    max_time: Optional[str] = None  # "DD:HH:MM:SS"; training stops cleanly (and exports) when reached
+    val_check_interval: int = 200  # optimizer steps between validations
+    limit_val_batches: Optional[int] = None
+    log_every_n_steps: int = 10
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None  # automatic-optimisation components only
+    checkpoint_every_n_steps: int = 500
+    keep_checkpoints: int = 2  # step checkpoints kept besides last.ckpt
+    progress_bar: bool = True
+    deterministic: bool = False
+    num_sanity_val_steps: int = 0
+    # fsdp only: activation checkpointing of the blocks the component shards, and where to keep fp32 master params.
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class RunConfig:
+    """Sections shared by every component. Components subclass this and add their own."""
+
+    name: str = "run"
+    runs_dir: str = "runs"
+    seed: int = 0
+    resume: str = "auto"  # auto: continue from runs/NAME/checkpoints/last.ckpt when present | never
+    init_from: Optional[str] = None  # a save_pretrained folder to start the weights from
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def _read_yaml(path: str) -> DictConfig:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path}: cannot parse YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return cfg
+
+
+def _file_chain(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, DictConfig]]:
+    """The files to merge, bases first. ``extends:`` lists paths relative to the file that names them."""
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'extends'")
+    cfg = _read_yaml(path)
+    bases = cfg.pop("extends", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    chain: list[tuple[str, DictConfig]] = []
+    for base in bases:
+        chain += _file_chain(os.path.join(os.path.dirname(path), str(base)), seen + (path,))
+    chain.append((path, cfg))
+    return chain
+
+
+def _one_line(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or ""
+    msg = str(exc).splitlines()[0]
+    if "not in struct" in msg or "Key '" in msg and "not" in msg:
+        msg = "unknown key"
+    where = f"'{key}'" if key else ""
+    return ConfigError(f"{source}: {msg} {where}".strip())
+
+
+def load_config(schema: type, path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Merge ``path`` (and the files it extends) and ``key=value`` overrides onto ``schema``.
+
+    Returns a read-only-structured DictConfig; raises :class:`ConfigError` with one line on any problem.
+    """
+    cfg = OmegaConf.structured(schema)
+    sources = _file_chain(path) if path else []
+    for source, part in sources:
+        try:
+            cfg = OmegaConf.merge(cfg, part)
+        except OmegaConfBaseException as exc:
+            raise _one_line(exc, source) from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as exc:
+            raise _one_line(exc, f"override '{item}'") from None
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise _one_line(exc, path or "config") from None
+    return cfg
+
+
+def to_yaml(cfg: DictConfig | ListConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

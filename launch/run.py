@@ -1,0 +1,80 @@
+"""Run folders (runs/NAME/...) and the choice of checkpoint to resume from."""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig
+
+from launch.config import ConfigError, to_yaml
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunDir:
+    root: str
+
+    @property
+    def checkpoints(self) -> str:
+        return os.path.join(self.root, "checkpoints")
+
+    @property
+    def export(self) -> str:
+        return os.path.join(self.root, "export")
+
+    @property
+    def images(self) -> str:
+        return os.path.join(self.root, "images")
+
+    @property
+    def config_file(self) -> str:
+        return os.path.join(self.root, "config.yaml")
+
+    def write_config(self, cfg: DictConfig) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        tmp = self.config_file + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(to_yaml(cfg))
+        os.replace(tmp, self.config_file)
+
+
+def _loadable(path: str) -> bool:
+    try:
+        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return True
+    except Exception as exc:  # a torn or corrupt file: zip errors, unpickling errors, EOF
+        log.warning("checkpoint %s is unreadable (%s); trying an older one", path, str(exc).splitlines()[0][:120])
+        return False
+
+
+def find_resume_checkpoint(ckpt_dir: str) -> Optional[str]:
+    """last.ckpt if it loads, else the newest step checkpoint that loads, else None."""
+    candidates = []
+    last = os.path.join(ckpt_dir, "last.ckpt")
+    if os.path.exists(last):
+        candidates.append(last)
+    candidates += sorted(glob.glob(os.path.join(ckpt_dir, "step*.ckpt")), key=os.path.getmtime, reverse=True)
+    for path in candidates:
+        if os.path.isdir(path) or _loadable(path):  # a folder is a distributed (FSDP) checkpoint
+            return path
+    return None
+
+
+def prepare_run(cfg: DictConfig) -> tuple[RunDir, Optional[str]]:
+    """Pick the run folder and the checkpoint to resume from, following ``cfg.resume``."""
+    if cfg.resume not in ("auto", "never"):
+        raise ConfigError(f"resume must be 'auto' or 'never', got '{cfg.resume}'")
+    root = os.path.join(cfg.runs_dir, cfg.name)
+    if cfg.resume == "never":
+        n = 1
+        while os.path.exists(root) and os.listdir(root):
+            n += 1
+            root = os.path.join(cfg.runs_dir, f"{cfg.name}-{n}")
+    run = RunDir(os.path.abspath(root))
+    ckpt = find_resume_checkpoint(run.checkpoints) if cfg.resume == "auto" else None
+    return run, ckpt

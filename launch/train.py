@@ -1,0 +1,61 @@
+"""One training run of one component: config -> run folder -> Trainer.fit -> export."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig
+
+from launch.components import get_component
+from launch.config import ConfigError, load_config
+from launch.run import RunDir, prepare_run
+from launch.trainer import build_trainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run: RunDir
+    export_dir: str
+    resumed_from: Optional[str]
+    trainer: pl.Trainer
+
+
+def resolve_config(component: str, config_path: Optional[str], overrides: Sequence[str] = ()) -> DictConfig:
+    comp = get_component(component)
+    cfg = load_config(comp.schema, config_path, overrides)
+    if cfg.data.mode != comp.data_mode:
+        raise ConfigError(f"{config_path}: data.mode is '{cfg.data.mode}' but {component} reads '{comp.data_mode}'")
+    return cfg
+
+
+def run_training(component: str, config_path: Optional[str], overrides: Sequence[str] = ()) -> RunResult:
+    """Train ``component`` as configured; resumes from the run folder's last checkpoint when ``resume: auto``."""
+    from data import ShardDataModule  # imported here so config errors surface before the heavier imports
+
+    comp = get_component(component)
+    cfg = resolve_config(component, config_path, overrides)
+    run, ckpt = prepare_run(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
+    trainer = build_trainer(cfg, run)
+    if trainer.is_global_zero:
+        run.write_config(cfg)
+        if ckpt:
+            log.warning("resuming from %s", ckpt)
+    datamodule = ShardDataModule(cfg.data)
+    module = comp.build(cfg)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    export(module, trainer, run.export)
+    return RunResult(run=run, export_dir=run.export, resumed_from=ckpt, trainer=trainer)
+
+
+def export(module: pl.LightningModule, trainer: pl.Trainer, out_dir: str) -> None:
+    """Every rank calls this (a sharded model gathers its full state dict collectively); rank 0 writes."""
+    module.export(out_dir) if trainer.is_global_zero else None
+    trainer.strategy.barrier("export")
+    if trainer.is_global_zero:
+        log.warning("exported %s", os.path.abspath(out_dir))

@@ -1,0 +1,82 @@
+"""pl.Trainer construction from the ``trainer:`` config section: strategy, loggers, checkpoints, progress."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from launch.config import ConfigError
+from launch.run import RunDir
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to ``path.tmp`` and rename, so a killed job never leaves a half-written checkpoint under the real name."""
+
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        path = str(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as fh:
+            torch.save(checkpoint, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+
+def _accelerator(tc: DictConfig) -> str:
+    if tc.accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return tc.accelerator
+
+
+def build_strategy(tc: DictConfig) -> Any:
+    """'auto' | 'ddp' | 'fsdp' -> a Lightning strategy object (gloo on CPU, NCCL on GPU)."""
+    accelerator = _accelerator(tc)
+    if tc.strategy == "auto":
+        return "auto"
+    if tc.strategy == "ddp":
+        from pytorch_lightning.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend="nccl" if accelerator == "gpu" else "gloo",
+                           checkpoint_io=AtomicCheckpointIO())
+    if tc.strategy == "fsdp":
+        from pytorch_lightning.strategies import ModelParallelStrategy
+
+        devices = tc.devices if isinstance(tc.devices, int) else (torch.cuda.device_count() or 1)
+        # An explicit data-parallel mesh: the default mesh of ModelParallelStrategy does not shard parameters.
+        return ModelParallelStrategy(data_parallel_size=devices * tc.num_nodes, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=True)
+    raise ConfigError(f"trainer.strategy must be auto, ddp or fsdp, got '{tc.strategy}'")
+
+
+def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None) -> pl.Trainer:
+    tc = cfg.trainer
+    strategy = build_strategy(tc)
+    checkpoint = ModelCheckpoint(
+        dirpath=run.checkpoints, filename="step{step:07d}", auto_insert_metric_name=False,
+        every_n_train_steps=tc.checkpoint_every_n_steps, save_last=True,
+        monitor="step", mode="max", save_top_k=tc.keep_checkpoints,
+    )
+    cbs: list = [checkpoint, LearningRateMonitor(logging_interval="step")]
+    if tc.progress_bar:
+        cbs.append(TQDMProgressBar(refresh_rate=max(1, tc.log_every_n_steps)))
+    cbs += callbacks or []
+    loggers = [TensorBoardLogger(save_dir=run.root, name="tb", version="", default_hp_metric=False),
+               CSVLogger(save_dir=run.root, name="csv", version="")]
+    plugins = [AtomicCheckpointIO()] if strategy == "auto" else None
+    return pl.Trainer(
+        accelerator=_accelerator(tc), devices=tc.devices, num_nodes=tc.num_nodes, strategy=strategy,
+        precision=tc.precision, max_steps=tc.max_steps, max_epochs=-1, max_time=tc.max_time,
+        val_check_interval=tc.val_check_interval, check_val_every_n_epoch=None,
+        limit_val_batches=tc.limit_val_batches, log_every_n_steps=tc.log_every_n_steps,
+        accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
+        num_sanity_val_steps=tc.num_sanity_val_steps, deterministic=tc.deterministic,
+        enable_progress_bar=tc.progress_bar, default_root_dir=run.root, callbacks=cbs, logger=loggers,
+        plugins=plugins, use_distributed_sampler=False,
+    )
