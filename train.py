@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """The one training entry point.
 
-    python train.py COMPONENT --config FILE [key=value ...]      COMPONENT: vqgan | bart_prior | clip
+    python train.py COMPONENT --config FILE [key=value ...]          train (resumes runs/NAME when present)
+    python train.py COMPONENT --config FILE --slurm [--nodes N ...]  write runs/NAME/job.sbatch and submit it
+    python train.py bundle --vqgan D1 --prior D2 --clip D3 --out DIR assemble a generation bundle
 
-Everything is in launch/; this file only parses the command line.
+COMPONENT is vqgan, bart_prior or clip. Everything is in launch/; this file only parses the command line.
 """
 from __future__ import annotations
 
@@ -15,21 +17,70 @@ from launch.components import REGISTRY
 from launch.config import ConfigError
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("component", choices=sorted(REGISTRY))
-    parser.add_argument("--config", help="YAML file (may 'extends:' others)")
-    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. trainer.max_steps=100 data.batch_size=8")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from launch.train import run_training
+def _train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("component", choices=sorted(REGISTRY))
+    p.add_argument("--config", help="YAML file (may 'extends:' others)")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. trainer.max_steps=100 data.batch_size=8")
+    s = p.add_argument_group("SLURM")
+    s.add_argument("--slurm", action="store_true", help="submit as a SLURM batch job instead of running here")
+    s.add_argument("--dry-run", action="store_true", help="with --slurm: print the sbatch script, submit nothing")
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--gpus-per-node", type=int, default=0, help="0: CPU tasks, one per trainer.devices")
+    s.add_argument("--cpus-per-task", type=int, default=1)
+    s.add_argument("--time", default="01:00:00")
+    s.add_argument("--partition")
+    s.add_argument("--account")
+    return p
 
+
+def _bundle_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py bundle", description="Assemble vqgan/, bart_prior/, clip_rank/ "
+                                "into one folder for generate.py, checking that the parts fit.")
+    p.add_argument("--vqgan", required=True)
+    p.add_argument("--prior", required=True)
+    p.add_argument("--clip", required=True)
+    p.add_argument("--out", required=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if argv[:1] == ["bundle"]:
+            from launch.bundle import assemble_bundle
+
+            a = _bundle_parser().parse_args(argv[1:])
+            print(assemble_bundle(a.vqgan, a.prior, a.clip, a.out))
+            return 0
+        args = _train_parser().parse_args(argv)
+        if args.slurm:
+            return _slurm(args)
+        from launch.train import run_training
+
         result = run_training(args.component, args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result.export_dir)
+    return 0
+
+
+def _slurm(args: argparse.Namespace) -> int:
+    from launch.run import prepare_run
+    from launch.slurm import SlurmOptions, render_sbatch, submit
+    from launch.train import resolve_config
+
+    cfg = resolve_config(args.component, args.config, args.overrides)
+    run, _ = prepare_run(cfg)
+    opts = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+                        time=args.time, partition=args.partition, account=args.account)
+    script = render_sbatch(args.component, args.config, args.overrides, cfg, run, opts)
+    if args.dry_run:
+        print(script)
+        return 0
+    print(submit(script, run))
     return 0
 
 

@@ -52,13 +52,13 @@ def _loadable(path: str) -> bool:
         return False
 
 
-def find_resume_checkpoint(ckpt_dir: str) -> Optional[str]:
-    """last.ckpt if it loads, else the newest step checkpoint that loads, else None."""
-    candidates = []
-    last = os.path.join(ckpt_dir, "last.ckpt")
-    if os.path.exists(last):
-        candidates.append(last)
-    candidates += sorted(glob.glob(os.path.join(ckpt_dir, "step*.ckpt")), key=os.path.getmtime, reverse=True)
+def find_resume_checkpoint(run: RunDir) -> Optional[str]:
+    """The newest checkpoint of the run that loads: last.ckpt, a step checkpoint, or the one Lightning writes on
+    SLURM's SIGUSR1 (``hpc_ckpt_N.ckpt`` in the run folder). A corrupt newest one falls back to the previous."""
+    candidates = [os.path.join(run.checkpoints, "last.ckpt")]
+    candidates += glob.glob(os.path.join(run.checkpoints, "step*.ckpt"))
+    candidates += glob.glob(os.path.join(run.root, "hpc_ckpt_*.ckpt"))
+    candidates = sorted((p for p in candidates if os.path.exists(p)), key=os.path.getmtime, reverse=True)
     for path in candidates:
         if os.path.isdir(path) or _loadable(path):  # a folder is a distributed (FSDP) checkpoint
             return path
@@ -76,5 +76,5 @@ def prepare_run(cfg: DictConfig) -> tuple[RunDir, Optional[str]]:
             n += 1
             root = os.path.join(cfg.runs_dir, f"{cfg.name}-{n}")
     run = RunDir(os.path.abspath(root))
-    ckpt = find_resume_checkpoint(run.checkpoints) if cfg.resume == "auto" else None
+    ckpt = find_resume_checkpoint(run) if cfg.resume == "auto" else None
     return run, ckpt

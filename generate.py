@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Prompts in, ranked images out.
+
+    python generate.py --bundle DIR "a small red circle in the top left on a blue background" --candidates 16 --keep 4 \
+        --out OUTDIR
+
+writes OUTDIR/grid.png (one row per prompt, best first), OUTDIR/PROMPT-INDEX_RANK.png and OUTDIR/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompts", nargs="+")
+    p.add_argument("--bundle", help="folder with vqgan/, bart_prior/, clip_rank/")
+    p.add_argument("--vqgan", help="override the bundle's VQGAN folder")
+    p.add_argument("--prior", help="override the bundle's prior folder")
+    p.add_argument("--clip", help="override the bundle's CLIP folder")
+    p.add_argument("--candidates", type=int, default=16)
+    p.add_argument("--keep", type=int, default=4)
+    p.add_argument("--condition-scale", type=float, default=None, help="default: the prior's own (set at training)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="candidates sampled, decoded and scored at a time")
+    p.add_argument("--no-rank", action="store_true", help="keep the first K candidates, no CLIP")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from launch.bundle import BundleError
+    from launch.images import make_grid, save_png
+    from launch.pipeline import Pipeline
+
+    if args.candidates < 1 or args.keep < 1:
+        print("error: --candidates and --keep must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        pipe = Pipeline.from_pretrained(args.bundle, vqgan=args.vqgan, prior=args.prior,
+                                        clip=None if args.no_rank else args.clip, device=args.device)
+    except (BundleError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rank = not args.no_rank and pipe.ranker is not None
+    if not args.no_rank and not rank:
+        print("error: no CLIP part in the bundle: pass --clip DIR or --no-rank", file=sys.stderr)
+        return 2
+    results = pipe(args.prompts, num_candidates=args.candidates, keep=args.keep,
+                   condition_scale=args.condition_scale, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, rank=rank)
+    os.makedirs(args.out, exist_ok=True)
+    rows, records = [], []
+    for i, (prompt, ranked) in enumerate(zip(args.prompts, results)):
+        for r in ranked:
+            name = f"{i:03d}_{r.rank:02d}.png"
+            r.image.save(os.path.join(args.out, name))
+            rows.append(torch.from_numpy(np.asarray(r.image)).permute(2, 0, 1))
+            records.append({"prompt": prompt, "prompt_index": i, "rank": r.rank, "candidate": r.candidate,
+                            "seed": args.seed, "clip_score": r.score, "file": name})
+    save_png(make_grid(torch.stack(rows), nrow=len(results[0])), os.path.join(args.out, "grid.png"))
+    with open(os.path.join(args.out, "results.json.tmp"), "w") as fh:
+        json.dump({"settings": {k: v for k, v in vars(args).items() if k != "prompts"}, "results": records}, fh,
+                  indent=2, ensure_ascii=False)
+    os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
+    print(os.path.join(args.out, "grid.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Text -> image: the prior samples code sequences, the VQGAN decodes them, CLIP ranks them.
+
+A bundle is a folder with ``vqgan/``, ``bart_prior/`` and ``clip_rank/`` subfolders, each a ``from_pretrained``
+folder (see launch/bundle.py, which assembles and checks them).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from launch.bundle import load_parts
+from launch.images import to_uint8
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    score: Optional[float]  # CLIP cosine similarity with the prompt (None with rank=False)
+    candidate: int  # index among the prompt's candidates; with the seed it reproduces the image
+    rank: int  # 0 = best
+
+
+def _to_pil(images: torch.Tensor) -> list[Image.Image]:
+    return [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in to_uint8(images)]
+
+
+class Pipeline:
+    def __init__(self, vqgan, prior, ranker, device: Optional[str] = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.vqgan = vqgan.to(self.device).eval()
+        self.prior = prior.to(self.device).eval()
+        self.ranker = ranker.to(self.device) if ranker is not None else None
+
+    @classmethod
+    def from_pretrained(cls, bundle: Optional[str] = None, vqgan: Optional[str] = None, prior: Optional[str] = None,
+                        clip: Optional[str] = None, device: Optional[str] = None) -> "Pipeline":
+        """Load a bundle; ``vqgan``/``prior``/``clip`` folders override (or replace) its parts."""
+        v, p, c = load_parts(bundle, vqgan=vqgan, prior=prior, clip=clip)
+        return cls(v, p, c, device=device)
+
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """(N, h*w) codes -> (N, 3, H, W) images in [-1, 1]; always fp32 (bf16 visibly bands the colours)."""
+        h, w = self.prior.grid
+        out = []
+        for chunk in codes.split(batch_size):
+            out.append(self.vqgan.decode(chunk.to(self.device).view(-1, h, w)).float().cpu())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def __call__(self, prompts: Sequence[str] | str, num_candidates: int = 16, keep: int = 4,
+                 condition_scale: Optional[float] = None, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, seed: int = 0, batch_size: int = 16, rank: bool = True,
+                 progress: bool = True) -> list[list[GeneratedImage]]:
+        """For each prompt, ``keep`` images, best CLIP score first (or the first ``keep`` with ``rank=False``)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if rank and self.ranker is None:
+            raise ValueError("ranking needs a CLIP part; pass rank=False to keep the first candidates")
+        keep = min(keep, num_candidates)
+        kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
+        if condition_scale is not None:
+            kwargs["condition_scale"] = condition_scale
+        results = []
+        for prompt in tqdm(prompts, desc="prompts", disable=not progress):
+            codes = self.prior.generate([prompt], num_candidates=num_candidates, seed=seed, **kwargs)[0]
+            images = self.decode(codes, batch_size)
+            if rank:
+                scores = torch.cat([self.ranker.score([prompt] * len(c), c) for c in images.split(batch_size)])
+                order = scores.argsort(descending=True)[:keep].tolist()
+            else:
+                scores, order = None, list(range(keep))
+            pil = _to_pil(images[order])
+            results.append([GeneratedImage(pil[r], None if scores is None else float(scores[i]), i, r)
+                            for r, i in enumerate(order)])
+        return results
