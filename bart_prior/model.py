@@ -1,0 +1,186 @@
+"""The text-to-image-codes network: a BART encoder over caption tokens and a BART decoder over VQGAN codes.
+
+Built from transformers' ``BartEncoder``/``BartDecoder`` with separate configs, because the two sides have different
+vocabularies: the decoder's is the codebook plus one start token (id = codebook size), with its own embedding table
+and a bias-free output head that is not tied to anything (DALL·E Mini's layout).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BartConfig
+from transformers.models.bart.modeling_bart import BartDecoder, BartEncoder
+
+
+class PriorConfigError(ValueError):
+    """An impossible model configuration or an unusable pretrained encoder folder."""
+
+
+@dataclass
+class PriorConfig:
+    """Architecture of the prior (the ``model:`` config section, also saved as ``config.json``)."""
+
+    codebook_size: int = 1024  # VQGAN codes; the decoder vocabulary is codebook_size + 1 (start token)
+    grid: list[int] = field(default_factory=lambda: [16, 16])  # (h, w) code grid of the VQGAN; length = h*w
+    d_model: int = 256
+    encoder_layers: int = 3
+    decoder_layers: int = 3
+    attention_heads: int = 4
+    ffn_dim: int = 1024
+    activation: str = "gelu"
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    text_vocab_size: Optional[int] = None  # filled from the tokenizer when None
+    text_pad_token_id: int = 1
+    max_text_length: int = 64  # captions are truncated to this many tokens (with <s> and </s>)
+    text_positions: Optional[int] = None  # encoder position table; defaults to max_text_length
+    # A BART checkpoint folder (config.json + model.safetensors) whose encoder and token embeddings start the
+    # text side; the architecture of the encoder is then taken from that checkpoint.
+    text_encoder_from: Optional[str] = None
+    init_std: float = 0.02
+    # Only used by sample logging during training: a VQGAN save_pretrained folder to decode codes to images.
+    vqgan_for_samples: Optional[str] = None
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.grid[0]) * int(self.grid[1])
+
+    @property
+    def start_token_id(self) -> int:
+        return self.codebook_size
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PriorConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise PriorConfigError(f"unknown model config keys: {', '.join(unknown)}")
+        cfg = cls(**values)
+        cfg.grid = [int(g) for g in cfg.grid]
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# DALL·E Mini/Mega sizes (ANCHORS.md). GLU feed-forwards are replaced by plain GELU ones of equal parameter count.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=32, encoder_layers=1, decoder_layers=2, attention_heads=2, ffn_dim=64),
+    "shapes": dict(d_model=192, encoder_layers=3, decoder_layers=3, attention_heads=4, ffn_dim=768),
+    "mini": dict(d_model=1024, encoder_layers=12, decoder_layers=12, attention_heads=16, ffn_dim=4096,
+                 codebook_size=16384, grid=[16, 16], text_vocab_size=50264, max_text_length=64),
+    "mega": dict(d_model=2048, encoder_layers=24, decoder_layers=24, attention_heads=32, ffn_dim=6144,
+                 codebook_size=16384, grid=[16, 16], text_vocab_size=50272, max_text_length=64),
+}
+
+
+def preset(name: str, **overrides: Any) -> PriorConfig:
+    """A named size (tiny, shapes, mini, mega) with ``overrides`` (e.g. the VQGAN's codebook_size and grid)."""
+    if name not in PRESETS:
+        raise PriorConfigError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
+    return PriorConfig.from_dict({**PRESETS[name], **overrides})
+
+
+def _read_pretrained_bart(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
+    if not os.path.isdir(folder) or not os.path.isfile(cfg_path) or not os.path.isfile(weights):
+        raise PriorConfigError(f"model.text_encoder_from: no BART checkpoint at {folder} (need config.json and "
+                               "model.safetensors, e.g. from BartModel.save_pretrained); set it to null to train "
+                               "the text encoder from scratch")
+    with open(cfg_path) as fh:
+        hf = json.load(fh)
+    return hf, load_file(weights)
+
+
+def resolve_text_encoder(cfg: PriorConfig) -> PriorConfig:
+    """Take the encoder's architecture from ``cfg.text_encoder_from`` when set (before building the model)."""
+    if not cfg.text_encoder_from:
+        return cfg
+    hf, _ = _read_pretrained_bart(cfg.text_encoder_from)
+    if int(hf["d_model"]) != cfg.d_model:
+        raise PriorConfigError(f"model.d_model is {cfg.d_model} but the pretrained encoder at {cfg.text_encoder_from} "
+                               f"has d_model {hf['d_model']}; the decoder's cross-attention needs them equal")
+    return dataclasses.replace(
+        cfg, encoder_layers=int(hf["encoder_layers"]), text_vocab_size=int(hf["vocab_size"]),
+        text_positions=int(hf["max_position_embeddings"]), text_pad_token_id=int(hf.get("pad_token_id") or 1),
+        attention_heads=int(hf["encoder_attention_heads"]), ffn_dim=int(hf["encoder_ffn_dim"]),
+        activation=str(hf.get("activation_function", "gelu")))
+
+
+class PriorModel(nn.Module):
+    """Caption tokens -> logits over the codebook for every image position (teacher forcing)."""
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        if cfg.text_vocab_size is None:
+            raise PriorConfigError("model.text_vocab_size is unset (it is filled from the tokenizer)")
+        if cfg.d_model % cfg.attention_heads:
+            raise PriorConfigError(f"d_model {cfg.d_model} is not divisible by attention_heads {cfg.attention_heads}")
+        if len(cfg.grid) != 2 or min(cfg.grid) < 1:
+            raise PriorConfigError(f"model.grid must be [h, w], got {cfg.grid}")
+        self.cfg = cfg
+        common = dict(d_model=cfg.d_model, encoder_attention_heads=cfg.attention_heads,
+                      decoder_attention_heads=cfg.attention_heads, encoder_ffn_dim=cfg.ffn_dim,
+                      decoder_ffn_dim=cfg.ffn_dim, activation_function=cfg.activation, dropout=cfg.dropout,
+                      attention_dropout=cfg.attention_dropout, init_std=cfg.init_std, scale_embedding=False,
+                      bos_token_id=None, eos_token_id=None, forced_eos_token_id=None, attn_implementation="sdpa")
+        enc_cfg = BartConfig(vocab_size=cfg.text_vocab_size, encoder_layers=cfg.encoder_layers, decoder_layers=0,
+                             max_position_embeddings=cfg.text_positions or cfg.max_text_length,
+                             pad_token_id=cfg.text_pad_token_id, **common)
+        # No padding row on the image side: every id is a real code, and a padding_idx would freeze one of them.
+        dec_cfg = BartConfig(vocab_size=cfg.codebook_size + 1, encoder_layers=0, decoder_layers=cfg.decoder_layers,
+                             max_position_embeddings=cfg.seq_len, pad_token_id=None,
+                             decoder_start_token_id=cfg.start_token_id, **common)
+        self.encoder = BartEncoder(enc_cfg)
+        self.decoder = BartDecoder(dec_cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.codebook_size + 1, bias=False)
+        nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        if cfg.text_encoder_from:
+            self.load_text_encoder(cfg.text_encoder_from)
+
+    def load_text_encoder(self, folder: str) -> None:
+        """Copy encoder layers and token/position embeddings from a BART checkpoint (BartModel or
+        BartForConditionalGeneration layout)."""
+        _, state = _read_pretrained_bart(folder)
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        enc = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+        if "embed_tokens.weight" not in enc and "shared.weight" in state:  # tied to the shared table in BART
+            enc["embed_tokens.weight"] = state["shared.weight"]
+        missing, unexpected = self.encoder.load_state_dict(enc, strict=False)
+        if missing or unexpected:
+            raise PriorConfigError(f"pretrained encoder at {folder} does not fit: missing {missing[:3]}, "
+                                   f"unexpected {unexpected[:3]}")
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def code_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over real codes only: the start token's row of the head is never a prediction."""
+        return F.linear(hidden, self.lm_head.weight[: self.cfg.codebook_size])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                decoder_input_ids: torch.Tensor, encoder_hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, T) caption ids/mask + (B, L) decoder ids -> (B, L, codebook_size) logits."""
+        if encoder_hidden is None:
+            encoder_hidden = self.encode(input_ids, attention_mask)
+        hidden = self.decoder(input_ids=decoder_input_ids, encoder_hidden_states=encoder_hidden,
+                              encoder_attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.code_logits(hidden)
+
+    def decoder_inputs(self, codes: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) or (B, L) codes -> start token + codes[:-1] (teacher forcing)."""
+        flat = codes.reshape(codes.shape[0], -1)
+        start = flat.new_full((flat.shape[0], 1), self.cfg.start_token_id)
+        return torch.cat([start, flat[:, :-1]], dim=1)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

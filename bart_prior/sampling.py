@@ -1,0 +1,167 @@
+"""Guided sampling of image codes with a preallocated KV cache.
+
+One decoder batch holds every candidate twice: conditional rows first, then unconditional (empty caption) rows, so
+super-conditioning costs one pass per step instead of two. Cross-attention keys/values are constant during decoding,
+so they are projected once per distinct caption (the empty caption once for everything) and gathered per row.
+Each candidate draws its uniforms from its own generator, seeded from (seed, prompt index, candidate index), and
+picks a code by inverse CDF: the result does not depend on how candidates are batched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bart_prior.model import PriorModel
+
+
+@dataclass
+class SamplingOptions:
+    condition_scale: float = 1.0  # logits = uncond + scale * (cond - uncond); 1 = plain conditional sampling
+    temperature: float = 1.0  # 0 = greedy
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+
+
+def candidate_seed(seed: int, prompt_index: int, candidate_index: int) -> int:
+    """A well-mixed 63-bit seed per candidate, independent of batching."""
+    return int(np.random.SeedSequence([seed, prompt_index, candidate_index]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def candidate_uniforms(seeds: Sequence[int], length: int) -> torch.Tensor:
+    """(N, length) uniforms in [0, 1): one per decoding step for each candidate."""
+    return torch.stack([torch.rand(length, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                        for s in seeds])
+
+
+def pick_codes(logits: torch.Tensor, uniforms: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
+    """(N, K) guided logits + (N,) uniforms -> (N,) code ids, after temperature, top-k and top-p."""
+    logits = logits.float()
+    if opts.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / opts.temperature
+    k = logits.shape[-1] if not opts.top_k else min(int(opts.top_k), logits.shape[-1])
+    values, ids = logits.topk(k, dim=-1)  # sorted, largest first
+    probs = torch.softmax(values.double(), dim=-1)
+    if opts.top_p is not None and opts.top_p < 1.0:
+        before = probs.cumsum(-1) - probs
+        probs = probs * (before < opts.top_p)  # the first (largest) token always stays
+    cdf = probs.cumsum(-1)
+    target = (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(1)
+    choice = torch.searchsorted(cdf, target, right=True).clamp_(max=k - 1)
+    return ids.gather(1, choice).squeeze(1)
+
+
+def guide(cond: torch.Tensor, uncond: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    return cond if uncond is None else uncond + scale * (cond - uncond)
+
+
+class _CachedDecoder:
+    """Incremental decoding over a PriorModel's BartDecoder weights with a static self-attention cache."""
+
+    def __init__(self, model: PriorModel, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor,
+                 row_source: torch.Tensor):
+        dec, cfg = model.decoder, model.cfg
+        self.model, self.layers = model, dec.layers
+        self.heads, self.hd = cfg.attention_heads, cfg.d_model // cfg.attention_heads
+        n, length = row_source.numel(), cfg.seq_len
+        ref = encoder_hidden
+        self.k_cache = [ref.new_empty(n, self.heads, length, self.hd) for _ in self.layers]
+        self.v_cache = [ref.new_empty(n, self.heads, length, self.hd) for _ in self.layers]
+        # constant cross-attention K/V: projected once per distinct caption, then gathered for the rows
+        self.cross = []
+        for layer in self.layers:
+            att = layer.encoder_attn
+            k = self._split(att.k_proj(encoder_hidden)).index_select(0, row_source)
+            v = self._split(att.v_proj(encoder_hidden)).index_select(0, row_source)
+            self.cross.append((k, v))
+        self.cross_mask = encoder_mask.bool().index_select(0, row_source)[:, None, None, :]
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.heads, self.hd).transpose(1, 2)
+
+    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """(N,) tokens at position ``pos`` -> (N, K) logits for position ``pos``."""
+        dec = self.model.decoder
+        x = dec.embed_tokens(tokens[:, None]) + dec.embed_positions.weight[pos + dec.embed_positions.offset]
+        x = dec.layernorm_embedding(x)
+        n = x.shape[0]
+        for i, layer in enumerate(self.layers):
+            sa = layer.self_attn
+            self.k_cache[i][:, :, pos] = self._split(sa.k_proj(x))[:, :, 0]
+            self.v_cache[i][:, :, pos] = self._split(sa.v_proj(x))[:, :, 0]
+            q = self._split(sa.q_proj(x))
+            a = F.scaled_dot_product_attention(q, self.k_cache[i][:, :, : pos + 1], self.v_cache[i][:, :, : pos + 1])
+            x = layer.self_attn_layer_norm(x + sa.out_proj(a.transpose(1, 2).reshape(n, 1, -1)))
+            ca = layer.encoder_attn
+            k, v = self.cross[i]
+            a = F.scaled_dot_product_attention(self._split(ca.q_proj(x)), k, v, attn_mask=self.cross_mask)
+            x = layer.encoder_attn_layer_norm(x + ca.out_proj(a.transpose(1, 2).reshape(n, 1, -1)))
+            h = layer.fc2(layer.activation_fn(layer.fc1(x)))
+            x = layer.final_layer_norm(x + h)
+        return self.model.code_logits(x[:, 0])
+
+
+def _run_loop(step: Callable[[torch.Tensor, int], torch.Tensor], n: int, guided: bool, uniforms: torch.Tensor,
+              opts: SamplingOptions, start_id: int, length: int, device: torch.device) -> torch.Tensor:
+    rows = 2 * n if guided else n
+    tokens = torch.full((rows,), start_id, dtype=torch.long, device=device)
+    out = torch.empty(n, length, dtype=torch.long, device=device)
+    for pos in range(length):
+        logits = step(tokens, pos)
+        mixed = guide(logits[:n], logits[n:] if guided else None, opts.condition_scale)
+        codes = pick_codes(mixed, uniforms[:, pos], opts)
+        out[:, pos] = codes
+        tokens = torch.cat([codes, codes]) if guided else codes
+    return out
+
+
+def _encode_rows(model: PriorModel, text_ids: torch.Tensor, text_mask: torch.Tensor, row_prompt: torch.Tensor,
+                 empty_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode the distinct captions (plus the empty one when guided); rows: conditional then unconditional."""
+    if empty_ids is not None:
+        width = max(text_ids.shape[1], empty_ids.shape[0])
+        text_ids = F.pad(text_ids, (0, width - text_ids.shape[1]), value=model.cfg.text_pad_token_id)
+        text_mask = F.pad(text_mask, (0, width - text_mask.shape[1]))
+        e_ids = F.pad(empty_ids, (0, width - empty_ids.shape[0]), value=model.cfg.text_pad_token_id)
+        e_mask = F.pad(torch.ones_like(empty_ids), (0, width - empty_ids.shape[0]))
+        text_ids, text_mask = torch.cat([text_ids, e_ids[None]]), torch.cat([text_mask, e_mask[None]])
+        row_prompt = torch.cat([row_prompt, torch.full_like(row_prompt, text_ids.shape[0] - 1)])
+    return model.encode(text_ids, text_mask), text_mask, row_prompt
+
+
+@torch.inference_mode()
+def sample_codes(model: PriorModel, text_ids: torch.Tensor, text_mask: torch.Tensor, row_prompt: torch.Tensor,
+                 uniforms: torch.Tensor, opts: SamplingOptions, empty_ids: Optional[torch.Tensor] = None,
+                 use_cache: bool = True) -> torch.Tensor:
+    """Sample one code sequence per row.
+
+    text_ids/text_mask: (P, T) distinct captions; row_prompt: (N,) caption index of each row; uniforms: (N, L)
+    from :func:`candidate_uniforms`; empty_ids: the token ids of "" — given, the rows are guided with
+    ``opts.condition_scale``; None, plain conditional sampling. ``use_cache=False`` recomputes the whole prefix
+    every step (the reference the cache is tested against). Returns (N, L) codes in [0, codebook_size).
+    """
+    device = next(model.parameters()).device
+    n, length, start = row_prompt.numel(), model.cfg.seq_len, model.cfg.start_token_id
+    text_ids, text_mask, row_prompt = text_ids.to(device), text_mask.to(device), row_prompt.to(device)
+    hidden, mask, rows = _encode_rows(model, text_ids, text_mask, row_prompt,
+                                      None if empty_ids is None else empty_ids.to(device))
+    guided = empty_ids is not None
+    uniforms = uniforms.to(device)
+    if use_cache:
+        step = _CachedDecoder(model, hidden, mask, rows).step
+    else:
+        row_hidden, row_mask = hidden.index_select(0, rows), mask.index_select(0, rows)
+        prefix = torch.full((rows.numel(), 0), start, dtype=torch.long, device=device)
+
+        def step(tokens: torch.Tensor, pos: int) -> torch.Tensor:
+            nonlocal prefix
+            prefix = torch.cat([prefix, tokens[:, None]], dim=1)
+            h = model.decoder(input_ids=prefix, encoder_hidden_states=row_hidden, encoder_attention_mask=row_mask,
+                              use_cache=False).last_hidden_state
+            return model.code_logits(h[:, -1])
+
+    return _run_loop(step, n, guided, uniforms, opts, start, length, device)
