@@ -1,0 +1,119 @@
+"""`make demo`: the whole pipeline on the synthetic shapes set, from nothing to a ranked image grid and a report.
+
+    python -m launch.demo [--out runs/demo] [--preset full|tiny] [--force STAGE ...]
+
+Each stage is the command a user would type (printed before it runs) and is skipped when its output exists, so a
+rerun continues where the last one stopped (a training stage resumes from its last checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Preset:
+    samples: int  # shapes rendered (train + val)
+    vqgan: list[str] = field(default_factory=list)  # overrides
+    prior: list[str] = field(default_factory=list)
+    clip: list[str] = field(default_factory=list)
+    config: str = "shapes"  # configs/<component>/<config>.yaml
+    vocab_size: int = 512
+    eval_prompts: tuple[int, int] = (32, 32)  # seen, held-out
+    candidates: int = 16
+    scales: tuple[float, ...] = (1.0, 2.0, 3.0)
+
+
+PRESETS = {
+    # Budgets are wall-clock caps on this 2-core CPU; max_steps in the configs are what is normally reached first.
+    "full": Preset(samples=24000, vqgan=["trainer.max_time=00:00:12:00"], prior=["trainer.max_time=00:00:08:00"],
+                   clip=["trainer.max_time=00:00:05:00"]),
+    # Seconds per stage: exercises every stage and file format (the test suite runs it), not quality.
+    "tiny": Preset(samples=400, config="tiny", vocab_size=300, eval_prompts=(3, 3), candidates=4, scales=(1.0, 2.0),
+                   vqgan=["trainer.max_steps=4", "trainer.val_check_interval=4", "data.batch_size=8"],
+                   prior=["trainer.max_steps=4", "trainer.val_check_interval=4", "data.batch_size=8"],
+                   clip=["trainer.max_steps=4", "trainer.val_check_interval=4", "data.batch_size=8"]),
+}
+
+
+def _run(cmd: list[str]) -> None:
+    print("\n$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, cwd=REPO, check=True)
+    print(f"  ({time.time() - t0:.0f} s)", flush=True)
+
+
+def _exported(run_dir: str) -> bool:
+    return os.path.isdir(os.path.join(run_dir, "export"))
+
+
+def stages(out: str, preset: Preset) -> list[tuple[str, Callable[[], bool], list[list[str]]]]:
+    """(name, done?, commands) in order."""
+    py = sys.executable
+    shapes, codes, tok = f"{out}/shapes", f"{out}/codes", f"{out}/tokenizer"
+    vq_export = f"{out}/vqgan/export"
+    common = [f"runs_dir={out}", "resume=auto"]
+    img_data = [f"data.train={shapes}/train/*.tar", f"data.val={shapes}/val/*.tar"]
+    code_data = [f"data.train={codes}/train/*.tar", f"data.val={codes}/val/*.tar"]
+
+    def train(component: str, folder: str, name: str, extra: list[str]) -> list[str]:
+        return [py, "train.py", component, "--config", f"configs/{folder}/{preset.config}.yaml", f"name={name}",
+                *common, *extra]
+
+    return [
+        ("shapes", lambda: os.path.exists(f"{shapes}/manifest.json"),
+         [[py, "-m", "data", "prepare", "shapes", "--out", shapes, "--num-samples", str(preset.samples)]]),
+        ("vqgan", lambda: _exported(f"{out}/vqgan"), [train("vqgan", "vqgan", "vqgan", img_data + preset.vqgan)]),
+        ("encode", lambda: os.path.exists(f"{codes}/val/.done"),
+         [[py, "-m", "vqgan.encode", "--model", vq_export, "--input", f"{shapes}/{split}/*.tar",
+           "--output", f"{codes}/{split}"] for split in ("train", "val")]
+         + [["touch", f"{codes}/val/.done"]]),
+        ("tokenizer", lambda: os.path.exists(f"{tok}/tokenizer.json"),
+         [[py, "-m", "bart_prior.tokenizer", "train", "--input", f"{shapes}/train/*.tar",
+           "--vocab-size", str(preset.vocab_size), "--out", tok]]),
+        ("bart_prior", lambda: _exported(f"{out}/bart_prior"),
+         [train("bart_prior", "bart_prior", "bart_prior", code_data + [f"tokenizer.path={tok}"] + preset.prior)]),
+        ("clip", lambda: _exported(f"{out}/clip"),
+         [train("clip", "clip_rank", "clip", img_data + [f"model.reconstruct_with={vq_export}"] + preset.clip)]),
+        ("bundle", lambda: os.path.isdir(f"{out}/bundle"),
+         [[py, "train.py", "bundle", "--vqgan", vq_export, "--prior", f"{out}/bart_prior/export",
+           "--clip", f"{out}/clip/export", "--out", f"{out}/bundle"]]),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    p.add_argument("--force", nargs="*", default=[], help="rerun these stages even if their output exists")
+    args = p.parse_args(argv)
+    out = os.path.abspath(args.out)
+    preset = PRESETS[args.preset]
+    timings: dict[str, float] = {}
+    for name, done, commands in stages(out, preset):
+        if done() and name not in args.force:
+            print(f"[{name}] done already, skipped (--force {name} reruns it)")
+            continue
+        print(f"\n[{name}]", flush=True)
+        t0 = time.time()
+        for cmd in commands:
+            _run(cmd)
+        timings[name] = round(time.time() - t0, 1)
+    from launch.evaluate import write_report
+
+    write_report(out, num_seen=preset.eval_prompts[0], num_heldout=preset.eval_prompts[1],
+                 candidates=preset.candidates, scales=preset.scales, timings=timings)
+    print(f"\nreport: {out}/report.md\ngrid:   {out}/grid.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
