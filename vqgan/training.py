@@ -1,0 +1,194 @@
+"""VQGAN training as a LightningModule: manual optimisation with an autoencoder and a discriminator optimizer.
+
+Step semantics: ``trainer.global_step`` (and so ``trainer.max_steps``, ``loss.disc_start`` and checkpoint names)
+counts *generator* optimizer steps. Lightning 2.x counts every optimizer step in manual optimisation, so the
+discriminator step is taken with the loop's step counter detached (see :func:`_step_uncounted`). Gradient
+accumulation is done here over ``trainer.accumulate_grad_batches`` micro-batches (Lightning refuses that setting
+for manual optimisation, so the Trainer must be built with 1 — launch.trainer does so for this component).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from launch.components import Component
+from launch.config import ConfigError, RunConfig
+from launch.images import log_image_grid
+from vqgan.loss import LossConfig, VQLoss
+from vqgan.model import VQGAN, VQGANConfig, load_state_strict
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4  # autoencoder + codebook (Adam)
+    disc_lr: Optional[float] = None  # defaults to lr
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warm-up of the autoencoder lr, in generator steps
+    grad_clip: Optional[float] = 1.0  # max grad norm, autoencoder
+    disc_grad_clip: Optional[float] = 1.0  # max grad norm, discriminator
+    channels_last: bool = True  # NHWC convolutions (faster on CPU oneDNN and GPU tensor cores)
+    val_grid_images: int = 8  # originals + reconstructions in the validation grid
+
+
+@dataclass
+class VQGANRunConfig(RunConfig):
+    model: VQGANConfig = field(default_factory=VQGANConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def _step_uncounted(opt: Any) -> None:
+    """optimizer.step() through Lightning (precision, strategy) without advancing trainer.global_step."""
+    before, after = opt._on_before_step, opt._on_after_step
+    opt._on_before_step = opt._on_after_step = lambda: None
+    try:
+        opt.step()
+    finally:
+        opt._on_before_step, opt._on_after_step = before, after
+
+
+class VQGANModule(pl.LightningModule):
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        self.save_hyperparameters(OmegaConf.to_container(cfg, resolve=True))
+        self.cfg = cfg
+        self.automatic_optimization = False
+        self.vqgan = VQGAN(VQGANConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True)))
+        if cfg.get("init_from"):
+            self._init_from(cfg.init_from)
+        self.loss = VQLoss(LossConfig(**OmegaConf.to_container(cfg.loss, resolve=True)),
+                           in_channels=cfg.model.in_channels)
+        self.accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)
+        if cfg.optim.channels_last:
+            self.to(memory_format=torch.channels_last)
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.register_buffer("val_counts", torch.zeros(cfg.model.num_codes), persistent=False)
+        self._val_lpips: list[torch.Tensor] = []
+
+    def _init_from(self, folder: str) -> None:
+        try:
+            src = VQGAN.from_pretrained(folder)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"init_from: {exc}") from None
+        load_state_strict(self.vqgan, src.state_dict(), source=f"init_from {folder}")
+
+    # ---- optimisation -------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        o = self.cfg.optim
+        betas = tuple(o.betas)
+        params = [p for p in self.vqgan.parameters() if p.requires_grad]
+        opt_g = torch.optim.Adam(params, lr=o.lr, betas=betas, weight_decay=o.weight_decay)
+        warm = max(0, int(o.warmup_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt_g, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        optimizers = [opt_g]
+        if self.loss.discriminator is not None:
+            optimizers.append(torch.optim.Adam(self.loss.discriminator.parameters(), lr=o.disc_lr or o.lr,
+                                               betas=betas))
+        return optimizers, [{"scheduler": sched, "interval": "step"}]
+
+    def on_fit_start(self) -> None:
+        if self.trainer.accumulate_grad_batches != 1:
+            raise ConfigError("build the Trainer with accumulate_grad_batches=1; the VQGAN module accumulates "
+                              "over cfg.trainer.accumulate_grad_batches itself")
+        self.loss.set_max_steps(int(self.trainer.max_steps))
+
+    def _images(self, batch: dict) -> torch.Tensor:
+        x = batch["image"]
+        if self.cfg.optim.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        opts = self.optimizers()
+        opt_g, opt_d = (opts[0], opts[1]) if isinstance(opts, (list, tuple)) else (opts, None)
+        x = self._images(batch)
+        step = self.global_step
+        gan = self.loss.gan_active(step)
+        disc = self.loss.discriminator
+        if disc is not None:
+            disc.requires_grad_(False)  # the generator's GAN term must not leave gradients on D
+        xrec, q = self.vqgan(x)
+        g_loss, logs = self.loss.generator_loss(x, xrec, q.loss, self.vqgan.decoder.last_layer, step)
+        self.manual_backward(g_loss / self.accumulate)
+        logs.update(quant=q.loss.detach(), commitment=q.commitment.detach(), codebook=q.codebook.detach())
+        if gan:
+            disc.requires_grad_(True)
+            d_loss, d_logs = self.loss.discriminator_loss(x, xrec.detach())
+            self.manual_backward(d_loss / self.accumulate)
+            logs.update(d_logs)
+        if (batch_idx + 1) % self.accumulate == 0:
+            self.clip_gradients(opt_g, gradient_clip_val=self.cfg.optim.grad_clip, gradient_clip_algorithm="norm")
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+            self.lr_schedulers().step()
+            if gan:
+                self.clip_gradients(opt_d, gradient_clip_val=self.cfg.optim.disc_grad_clip,
+                                    gradient_clip_algorithm="norm")
+                _step_uncounted(opt_d)
+            if opt_d is not None:
+                opt_d.zero_grad(set_to_none=True)
+        self._log_train(logs, opt_g, opt_d)
+        return g_loss.detach()
+
+    def _log_train(self, logs: dict[str, torch.Tensor], opt_g: Any, opt_d: Any) -> None:
+        out = {f"train/{k}": v.float() for k, v in logs.items()}
+        out["train/lr"] = torch.tensor(opt_g.param_groups[0]["lr"])
+        if opt_d is not None:
+            out["train/lr_disc"] = torch.tensor(opt_d.param_groups[0]["lr"])
+        stats = self.vqgan.quantize.usage.stats()
+        out["train/codebook_usage"] = torch.tensor(stats["usage"])
+        out["train/perplexity"] = torch.tensor(stats["perplexity"])
+        out["train/gan_active"] = torch.tensor(float(self.loss.gan_active(self.global_step)))
+        self.log_dict(out, on_step=True, on_epoch=False, batch_size=1)
+        self.log("train/loss", logs["total"].float(), on_step=True, prog_bar=True, batch_size=1)
+        self.log("train/usage", out["train/codebook_usage"], on_step=True, prog_bar=True, batch_size=1)
+
+    # ---- validation ---------------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self.val_counts.zero_()
+        self._val_lpips = []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x = self._images(batch)
+        xrec, q = self.vqgan(x)
+        xrec = xrec.float().clamp(-1, 1)
+        x = x.float()
+        x01, r01 = (x + 1) / 2, (xrec + 1) / 2
+        self.val_psnr.update(r01, x01)
+        self.val_ssim.update(r01, x01)
+        self.val_counts += torch.bincount(q.indices.flatten(), minlength=self.val_counts.numel()).float()
+        self.log("val/rec", self.loss.pixel(x, xrec), sync_dist=True, batch_size=x.shape[0])
+        if self.loss.perceptual is not None:
+            self.log("val/lpips", self.loss.perceptual(x, xrec).mean(), sync_dist=True, batch_size=x.shape[0])
+        if batch_idx == 0:
+            n = min(self.cfg.optim.val_grid_images, x.shape[0])
+            log_image_grid(self, "val/reconstructions", torch.cat([x[:n], xrec[:n]]), nrow=n)
+
+    def on_validation_epoch_end(self) -> None:
+        counts = self.trainer.strategy.reduce(self.val_counts.clone(), reduce_op="sum")
+        total = counts.sum().clamp_min(1)
+        p = counts / total
+        perplexity = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
+        self.log_dict({"val/psnr": self.val_psnr.compute(), "val/ssim": self.val_ssim.compute(),
+                       "val/codebook_usage": (counts > 0).float().mean(), "val/perplexity": perplexity},
+                      sync_dist=False)
+        self.val_psnr.reset()
+        self.val_ssim.reset()
+
+    def export(self, out_dir: str) -> None:
+        self.vqgan.save_pretrained(out_dir)
+
+
+def build(cfg: DictConfig) -> VQGANModule:
+    return VQGANModule(cfg)
+
+
+COMPONENT = Component(name="vqgan", schema=VQGANRunConfig, build=build, data_mode="images")
