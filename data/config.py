@@ -23,3 +23,4 @@ class DataConfig:
     epoch_samples: Optional[int] = None  # samples per epoch over all ranks (resampled mode; default: dataset size)
     caption_key: str = "txt"
     drop_last: bool = True  # train only; equal batch shapes on every rank
+    seed: int = 0  # shard order, shuffle buffer and resampling streams (configs set it to ${seed}, the run seed)

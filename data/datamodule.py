@@ -1,0 +1,206 @@
+"""The LightningDataModule shared by the three components: WebDataset shards -> batches, distributed-correct.
+
+Splitting: in the default mode the shard list is shuffled with the same seed on every rank (a new order each
+epoch), then split by rank, then by DataLoader worker, so every (rank, worker) reads a disjoint set of whole shards
+and together they cover the set once per epoch; there must be at least ranks x workers shards. In ``resampled``
+mode every (rank, worker) draws shards with replacement from its own seeded stream and stops after a fixed number
+of batches, so every rank runs exactly the same number of steps per epoch (the mode to use for multi-GPU runs).
+Samples are mixed across shards in a shuffle buffer. Validation is never shuffled or resampled: shards are split
+by rank and worker when there are enough of them, otherwise every reader scans all shards and keeps one sample in
+ranks x workers; either way every sample is seen exactly once per validation (per-rank batch counts may differ).
+
+Skipped samples: each batch carries ``batch["skipped"]`` (counts since the previous batch of that worker). The
+module's ``on_before_batch_transfer`` hook removes it before the LightningModule sees the batch and adds it to
+``self.tally``; :class:`SkippedSamplesLogger` (attached automatically in ``setup``) logs the totals summed over
+ranks as ``data/skipped_<kind>`` every ``log_every_n_steps``.
+"""
+from __future__ import annotations
+
+import math
+from itertools import islice
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, get_worker_info
+
+from data.config import DataConfig
+from data.decode import SKIP_KINDS, SampleDecoder, SkipCounter, SkipTally, collate
+from data.errors import DataError
+from data.shards import count_samples, expand_pattern
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+class _RankSplit:
+    """nodesplitter: every ``world``-th shard, starting at ``rank`` (picklable, so spawned workers work too)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    def __call__(self, src):
+        yield from islice(src, self.rank, None, self.world)
+
+
+class _SampleSplit:
+    """Every reader scans all shards and keeps the samples of its slot among ranks x workers (small val sets)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    def __call__(self, src):
+        worker, workers = _worker()
+        slot, slots = self.rank * workers + worker, self.world * workers
+        for i, sample in enumerate(src):
+            if i % slots == slot:
+                yield sample
+
+
+class _WorkerSeed:
+    """Seed of a resampled shard stream: distinct for every (rank, worker)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def __call__(self) -> int:
+        return self.rank * 1000 + _worker()[0]
+
+
+class _Collate:
+    def __init__(self, counter: SkipCounter):
+        self.counter = counter
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(samples, self.counter)
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """Batches ``{"image"|"codes", "caption", "key"}`` from the shards named by ``cfg`` (a :class:`DataConfig`).
+
+    ``rank``/``world_size`` default to torch.distributed's (set by Lightning before dataloaders are built), else
+    0/1; pass them explicitly to build the loader of one rank of a simulated job.
+    """
+
+    def __init__(self, cfg: DataConfig, rank: Optional[int] = None, world_size: Optional[int] = None):
+        super().__init__()
+        self.cfg = cfg
+        self._rank, self._world = rank, world_size
+        self.tally = SkipTally()
+        if cfg.mode not in ("images", "codes"):
+            raise DataError(f"data.mode must be 'images' or 'codes', got '{cfg.mode}'")
+        for name in ("batch_size", "image_size"):
+            if int(getattr(cfg, name)) < 1:
+                raise DataError(f"data.{name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.num_workers < 0 or cfg.shuffle_buffer < 0:
+            raise DataError("data.num_workers and data.shuffle_buffer must be >= 0")
+
+    # ---- distribution -------------------------------------------------------------------------------------
+    def rank_world(self) -> tuple[int, int]:
+        if self._rank is not None:
+            return self._rank, self._world or 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    @property
+    def _readers(self) -> int:
+        return max(1, self.cfg.num_workers)
+
+    def _decoder(self, train: bool, counter: SkipCounter) -> SampleDecoder:
+        c = self.cfg
+        return SampleDecoder(c.mode, c.image_size, caption_key=c.caption_key, train=train,
+                             random_crop=c.random_crop, random_flip=c.random_flip, counter=counter)
+
+    def steps_per_epoch(self) -> Optional[int]:
+        """Batches per rank per epoch in resampled mode (None otherwise: it depends on the shard split)."""
+        if not self.cfg.resampled:
+            return None
+        rank, world = self.rank_world()
+        samples = self.cfg.epoch_samples or count_samples(expand_pattern(self.cfg.train))
+        per_rank = max(1, samples // (world * self.cfg.batch_size))
+        return math.ceil(per_rank / self._readers) * self._readers
+
+    # ---- datasets -----------------------------------------------------------------------------------------
+    def train_dataset(self) -> wds.DataPipeline:
+        c = self.cfg
+        urls = expand_pattern(c.train)
+        rank, world = self.rank_world()
+        seed = int(c.seed)
+        counter = SkipCounter()
+        if c.resampled:
+            stages: list = [wds.ResampledShards(urls, seed=seed, worker_seed=_WorkerSeed(rank), deterministic=True)]
+        else:
+            if len(urls) < world * self._readers:
+                raise DataError(f"data.train has {len(urls)} shard(s) but {world} rank(s) x {self._readers} "
+                                "worker(s) need at least one each: write more/smaller shards, lower "
+                                "data.num_workers, or set data.resampled=true")
+            # same seed on every rank -> same permutation, so the rank split stays disjoint
+            stages = [wds.SimpleShardList(urls), wds.detshuffle(len(urls), len(urls), seed=seed),
+                      _RankSplit(rank, world), wds.split_by_worker]
+        stages.append(wds.tarfile_to_samples(handler=counter.handler))
+        if c.shuffle_buffer > 1:
+            stages.append(wds.detshuffle(c.shuffle_buffer, min(c.shuffle_buffer, 256), seed=seed + 7919 * rank))
+        stages += [wds.map(self._decoder(True, counter)),
+                   wds.batched(c.batch_size, collation_fn=_Collate(counter), partial=not c.drop_last)]
+        dataset = wds.DataPipeline(*stages)
+        if c.resampled:
+            steps = self.steps_per_epoch()
+            dataset = dataset.with_epoch(steps // self._readers).with_length(steps)
+        return dataset
+
+    def val_dataset(self) -> Optional[wds.DataPipeline]:
+        c = self.cfg
+        if not c.val:
+            return None
+        urls = expand_pattern(c.val)
+        rank, world = self.rank_world()
+        counter = SkipCounter()
+        if len(urls) >= world * self._readers:
+            stages: list = [wds.SimpleShardList(urls), _RankSplit(rank, world), wds.split_by_worker,
+                            wds.tarfile_to_samples(handler=counter.handler)]
+        else:
+            stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=counter.handler),
+                      _SampleSplit(rank, world)]
+        stages += [wds.map(self._decoder(False, counter)),
+                   wds.batched(c.val_batch_size or c.batch_size, collation_fn=_Collate(counter), partial=True)]
+        return wds.DataPipeline(*stages)
+
+    def _loader(self, dataset: wds.DataPipeline) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset())
+
+    def val_dataloader(self) -> Any:
+        dataset = self.val_dataset()
+        return self._loader(dataset) if dataset is not None else []
+
+    # ---- Lightning hooks ----------------------------------------------------------------------------------
+    def setup(self, stage: Optional[str] = None) -> None:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and not any(isinstance(cb, SkippedSamplesLogger) for cb in trainer.callbacks):
+            trainer.callbacks.append(SkippedSamplesLogger())
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "skipped" in batch:
+            self.tally.add(batch.pop("skipped"))
+        return batch
+
+
+class SkippedSamplesLogger(pl.Callback):
+    """Logs ``data/skipped_<kind>`` (cumulative, summed over ranks) every ``log_every_n_steps`` training steps."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        tally = getattr(trainer.datamodule, "tally", None)
+        if tally is None or trainer.global_step % max(1, trainer.log_every_n_steps):
+            return
+        for kind in SKIP_KINDS:  # every rank logs every kind, so the summing all-reduce lines up
+            pl_module.log(f"data/skipped_{kind}", float(tally.totals[kind]), on_step=True, on_epoch=False,
+                          reduce_fx="sum", sync_dist=True)

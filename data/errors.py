@@ -1,0 +1,5 @@
+"""The one error type of the data package: bad input reported as one readable line."""
+
+
+class DataError(ValueError):
+    """A data problem (no shard matches, a corrupt set, an unparsable caption...) as a one-line message."""
