@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig
@@ -49,13 +49,29 @@ def run_training(component: str, config_path: Optional[str], overrides: Sequence
     datamodule = ShardDataModule(cfg.data)
     module = comp.build(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    export(module, trainer, run.export)
+    export(module, trainer, run.export, rebuild=lambda: comp.build(cfg))
     return RunResult(run=run, export_dir=run.export, resumed_from=ckpt, trainer=trainer)
 
 
-def export(module: pl.LightningModule, trainer: pl.Trainer, out_dir: str) -> None:
-    """Every rank calls this (a sharded model gathers its full state dict collectively); rank 0 writes."""
-    module.export(out_dir) if trainer.is_global_zero else None
+def export(module: pl.LightningModule, trainer: pl.Trainer, out_dir: str,
+           rebuild: Optional[Callable[[], pl.LightningModule]] = None) -> None:
+    """Every rank calls this; rank 0 writes the save_pretrained folder.
+
+    A sharded (FSDP2) model is first gathered into a full state dict (collectively), loaded into an unsharded copy
+    built by ``rebuild``, and exported from there: the export has the same single-file format either way.
+    """
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    if isinstance(trainer.strategy, ModelParallelStrategy):
+        from launch.sharding import full_state_dict
+
+        state = full_state_dict(module)
+        if trainer.is_global_zero:
+            plain = rebuild()
+            plain.load_state_dict(state)
+            plain.export(out_dir)
+    elif trainer.is_global_zero:
+        module.export(out_dir)
     trainer.strategy.barrier("export")
     if trainer.is_global_zero:
         log.warning("exported %s", os.path.abspath(out_dir))
