@@ -31,20 +31,10 @@ def _oracle():
 
 
 def val_prompts(out: str, num_seen: int, num_heldout: int) -> list[tuple[str, bool]]:
-    """(caption, held_out) pairs from the val shards: distinct captions, seen combinations first."""
-    from data import iter_samples
-    from data.shapes import is_held_out, load_manifest
+    """(caption, held_out) pairs: seen combinations first, then combinations held out of training."""
+    from data.shapes import val_prompts as pick
 
-    manifest = load_manifest(os.path.join(out, "shapes"))
-    seen, held = [], []
-    for sample in iter_samples(os.path.join(out, "shapes", "val", "*.tar"), mode="images"):
-        caption = sample["caption"]
-        target = held if is_held_out(caption, manifest) else seen
-        if caption not in target:
-            target.append(caption)
-        if len(seen) >= num_seen and len(held) >= num_heldout:
-            break
-    return [(c, False) for c in seen[:num_seen]] + [(c, True) for c in held[:num_heldout]]
+    return [(p["caption"], p["heldout"]) for p in pick(os.path.join(out, "shapes"), num_seen, num_heldout)]
 
 
 def reconstruction_eval(vqgan: Any, pattern: str, image_size: int, limit: int = 512,
