@@ -36,13 +36,13 @@ def resolve_config(component: str, config_path: Optional[str], overrides: Sequen
 def run_training(component: str, config_path: Optional[str], overrides: Sequence[str] = ()) -> RunResult:
     """Train ``component`` as configured; resumes from the run folder's last checkpoint when ``resume: auto``."""
     # imported here so that config errors surface before the heavier imports
-    from data.datamodule import ShardDataModule, SkippedSamplesLogger
+    from data.datamodule import ShardDataModule
 
     comp = get_component(component)
     cfg = resolve_config(component, config_path, overrides)
     run, ckpt = prepare_run(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    trainer = build_trainer(cfg, run, callbacks=[SkippedSamplesLogger()])
+    trainer = build_trainer(cfg, run)
     if trainer.is_global_zero:
         run.write_config(cfg)
         if ckpt:
