@@ -32,6 +32,14 @@ class BartPrior(torch.nn.Module):
         self.config, self.tokenizer = config, tokenizer
         self.model = model if model is not None else PriorModel(config)
 
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return int(self.config.grid[0]), int(self.config.grid[1])
+
     # ---- folder format
     def save_pretrained(self, out_dir: str) -> None:
         """Write the folder atomically (temp folder, then rename)."""

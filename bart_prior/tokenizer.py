@@ -24,26 +24,14 @@ def iter_captions(pattern: str, caption_key: str = "txt") -> Iterator[str]:
     """Captions of a shard set in file order; only the caption members are decoded (images are skipped)."""
     import webdataset as wds
 
-    urls = _expand(pattern)
-    if not urls:
-        raise TokenizerError(f"no shards match '{pattern}'")
+    from data.shards import expand_pattern
+
+    urls = expand_pattern(pattern)
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
     for sample in dataset:
         raw = sample.get(caption_key)
         if raw is not None:
             yield raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
-
-
-def _expand(pattern: str) -> list[str]:
-    try:
-        from data import expand_pattern  # the shared pattern syntax ("a::b", braces, globs) once data/ provides it
-    except ImportError:
-        import glob
-
-        import braceexpand
-
-        return [p for part in pattern.split("::") for b in braceexpand.braceexpand(part) for p in sorted(glob.glob(b))]
-    return expand_pattern(pattern)
 
 
 def train_tokenizer(captions: Iterable[str], vocab_size: int, out_dir: str, lowercase: bool = True,

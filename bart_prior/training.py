@@ -1,0 +1,234 @@
+"""Training the prior on code shards: ``python train.py bart_prior --config configs/bart_prior/NAME.yaml``.
+
+Teacher forcing with decoder input = start token + codes[:-1] and mean cross-entropy over the h*w image positions;
+captions are blanked with probability ``train.caption_dropout`` so the same network also learns the unconditional
+distribution that guided sampling subtracts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from bart_prior.model import PriorConfig, resolve_text_encoder
+from bart_prior.prior import BartPrior
+from bart_prior.shards import check_batch, check_code_shards
+from bart_prior.tokenizer import load_tokenizer
+from launch.components import Component
+from launch.config import ConfigError, RunConfig
+
+
+@dataclass
+class TokenizerSection:
+    path: str = ""  # a tokenizer folder (python -m bart_prior.tokenizer train ..., or a saved BART tokenizer)
+    min_vocab: int = 261  # fewer tokens means a wrong/empty folder (256 bytes + 5 specials)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | adafactor
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # AdamW only; not applied to biases, norms and embeddings
+    warmup_steps: int = 200
+    decay: str = "cosine"  # cosine | linear | constant (after warmup), down to lr * min_lr_ratio at max_steps
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class PriorTrainConfig:
+    caption_dropout: float = 0.1
+    sample_every_n_validations: int = 1  # image grids need model.vqgan_for_samples; 0 = never
+    sample_prompts: list[str] = field(default_factory=list)  # default: the first captions of the validation set
+    sample_num_prompts: int = 8
+    sample_candidates: int = 4
+    sample_condition_scale: float = 1.0
+    sample_top_k: Optional[int] = None
+    sample_seed: int = 0
+
+
+@dataclass
+class PriorRunConfig(RunConfig):
+    model: PriorConfig = field(default_factory=PriorConfig)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
+
+
+def build_prior(cfg: DictConfig) -> BartPrior:
+    """The prior a run starts from: ``init_from`` weights, else a fresh one (optionally a pretrained encoder)."""
+    tok = load_tokenizer(cfg.tokenizer.path, min_vocab=cfg.tokenizer.min_vocab) if cfg.tokenizer.path else None
+    if cfg.init_from:
+        prior = BartPrior.from_pretrained(cfg.init_from)
+        mc = prior.config
+        if mc.codebook_size != cfg.model.codebook_size or list(mc.grid) != list(cfg.model.grid):
+            raise ConfigError(f"init_from {cfg.init_from} predicts {mc.codebook_size} codes on a {mc.grid} grid, the "
+                              f"config asks for {cfg.model.codebook_size} on {list(cfg.model.grid)}")
+        return prior.train()
+    if tok is None:
+        raise ConfigError("tokenizer.path is empty: train one with `python -m bart_prior.tokenizer train "
+                          "--input PATTERN --vocab-size N --out DIR` and pass tokenizer.path=DIR")
+    model_cfg = PriorConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    model_cfg = resolve_text_encoder(model_cfg)
+    if model_cfg.text_vocab_size is None:
+        model_cfg.text_vocab_size = len(tok)
+    return BartPrior(model_cfg, tok)
+
+
+class PriorModule(pl.LightningModule):
+    def __init__(self, cfg: DictConfig):
+        super().__init__()
+        self.save_hyperparameters(OmegaConf.to_container(cfg, resolve=True))
+        self.cfg = cfg
+        self.prior = build_prior(cfg)
+        self._validations = 0
+        self._checked = {"train": False, "val": False}
+        self._val_prompts: list[str] = []
+
+    @property
+    def model(self):
+        return self.prior.model
+
+    # ---- start-up checks
+    def setup(self, stage: str) -> None:
+        c = self.prior.config
+        for split in ("train", "val") if stage == "fit" else ("val",):
+            pattern = self.cfg.data.get(split)
+            if pattern:
+                check_code_shards(pattern, c.codebook_size, c.grid)
+        if self.cfg.model.vqgan_for_samples and self.cfg.train.sample_every_n_validations > 0:
+            self._vqgan()  # a missing or mismatched VQGAN fails now, not after the first validation
+
+    def _vqgan(self):
+        if getattr(self, "_vqgan_model", None) is None:
+            from vqgan import VQGAN  # only when image grids are asked for
+
+            vq = VQGAN.from_pretrained(self.cfg.model.vqgan_for_samples).eval()
+            c = self.prior.config
+            size, grid = getattr(vq, "codebook_size", c.codebook_size), getattr(vq, "grid", c.grid)
+            if size != c.codebook_size or tuple(grid) != tuple(c.grid):
+                raise ConfigError(f"model.vqgan_for_samples has {size} codes on a {tuple(grid)} grid; the prior "
+                                  f"predicts {c.codebook_size} codes on {tuple(c.grid)}")
+            object.__setattr__(self, "_vqgan_model", vq)  # not a submodule: not trained, not checkpointed
+        return self._vqgan_model
+
+    # ---- steps
+    def _text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.prior.encode_prompts(captions, warn=False)
+        return ids.to(self.device), mask.to(self.device)
+
+    def _loss(self, batch: dict[str, Any], split: str, captions: list[str]):
+        codes = batch["codes"]
+        if not self._checked[split]:
+            check_batch(codes, self.prior.config.codebook_size, self.prior.config.grid)
+            self._checked[split] = True
+        target = codes.reshape(codes.shape[0], -1).long()
+        ids, mask = self._text(captions)
+        logits = self.model(ids, mask, self.model.decoder_inputs(target))
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
+        acc = (logits.argmax(-1) == target).float().mean()
+        return loss, acc, target.numel()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        captions = list(batch["caption"])
+        p = self.cfg.train.caption_dropout
+        if p > 0:
+            drop = (torch.rand(len(captions)) < p).tolist()
+            captions = ["" if d else c for c, d in zip(captions, drop)]
+        loss, acc, ntok = self._loss(batch, "train", captions)
+        bs = len(captions)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/perplexity", torch.exp(loss.detach()), batch_size=bs)
+        self.log("train/token_accuracy", acc, batch_size=bs)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"] if self._trainer else 0.0,
+                 batch_size=bs)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad.detach().float().norm() for p in self.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.stack(grads).norm())
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        captions = list(batch["caption"])
+        if len(self._val_prompts) < self.cfg.train.sample_num_prompts:
+            self._val_prompts += captions[: self.cfg.train.sample_num_prompts - len(self._val_prompts)]
+        loss, acc, _ = self._loss(batch, "val", captions)
+        bs = len(captions)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
+        self.log("val/perplexity", torch.exp(loss), sync_dist=True, batch_size=bs)
+        self.log("val/token_accuracy", acc, sync_dist=True, batch_size=bs)
+
+    def on_validation_epoch_end(self) -> None:
+        self._validations += 1
+        n = self.cfg.train.sample_every_n_validations
+        if n > 0 and self._validations % n == 0 and self.cfg.model.vqgan_for_samples and not self.trainer.sanity_checking:
+            self.log_samples()
+
+    def log_samples(self) -> Optional[str]:
+        """Sample the fixed prompts and log the decoded images (one row of candidates per prompt)."""
+        from launch.images import log_image_grid
+
+        t = self.cfg.train
+        prompts = list(t.sample_prompts) or self._val_prompts[: t.sample_num_prompts]
+        if not prompts:
+            return None
+        codes = self.prior.generate(prompts, t.sample_candidates, condition_scale=t.sample_condition_scale,
+                                    top_k=t.sample_top_k, seed=t.sample_seed)
+        h, w = self.prior.config.grid
+        vq = self._vqgan().to(self.device)
+        with torch.inference_mode():
+            images = vq.decode(codes.view(-1, h, w).to(self.device)).float()
+        return log_image_grid(self, "val/samples", images, nrow=t.sample_candidates)
+
+    # ---- optimisation
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
+        if o.name == "adamw":
+            groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        elif o.name == "adafactor":
+            from transformers.optimization import Adafactor
+
+            opt = Adafactor(self.parameters(), lr=o.lr, scale_parameter=False, relative_step=False,
+                            warmup_init=False)
+        else:
+            raise ConfigError(f"optim.name must be adamw or adafactor, got '{o.name}'")
+        total = max(1, int(self.cfg.trainer.max_steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(o.warmup_steps, total, o.decay, o.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export(self, out_dir: str) -> None:
+        self.prior.save_pretrained(out_dir)
+
+    def fsdp_blocks(self) -> list[torch.nn.Module]:
+        return [*self.model.encoder.layers, *self.model.decoder.layers]
+
+
+def lr_factor(warmup: int, total: int, decay: str, min_ratio: float):
+    """Linear warmup, then cosine/linear decay to ``min_ratio`` at ``total`` steps (or constant)."""
+    if decay not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"optim.decay must be cosine, linear or constant, got '{decay}'")
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if decay == "constant":
+            return 1.0
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * frac)) if decay == "cosine" else 1 - frac
+        return min_ratio + (1 - min_ratio) * shape
+
+    return f
+
+
+COMPONENT = Component(name="bart_prior", schema=PriorRunConfig, build=lambda cfg: PriorModule(cfg), data_mode="codes")

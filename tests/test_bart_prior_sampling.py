@@ -1,0 +1,74 @@
+"""Guided sampling: cache = no cache, scale 1 = plain conditional, batch-size independence, codebook-only ids."""
+import pytest
+import torch
+
+from bart_prior.sampling import SamplingOptions, candidate_seed, candidate_uniforms, sample_codes
+
+from _bart_prior_helpers import make_tokenizer, tiny_prior
+
+PROMPTS = ["a red circle", "a blue square", "a purple hexagon"]
+
+
+@pytest.fixture(scope="module")
+def prior(tmp_path_factory):
+    tok = make_tokenizer(str(tmp_path_factory.mktemp("tok") / "tok"))
+    return tiny_prior(tok, codebook_size=64, grid=(4, 4))
+
+
+@pytest.mark.parametrize("opts", [dict(condition_scale=3.0, top_k=8), dict(condition_scale=2.0, top_p=0.8),
+                                  dict(condition_scale=1.0, temperature=0.7)])
+def test_cached_equals_uncached(prior, opts):
+    a = prior.generate(PROMPTS, num_candidates=3, seed=5, **opts)
+    b = prior.generate(PROMPTS, num_candidates=3, seed=5, use_cache=False, **opts)
+    assert a.shape == (3, 3, 16)
+    assert torch.equal(a, b)
+    assert not torch.equal(a[:, 0], a[:, 1])  # candidates differ
+
+
+def test_guidance_scale_one_is_plain_conditional(prior):
+    ids, mask = prior.encode_prompts(PROMPTS)
+    rows = torch.tensor([0, 0, 1, 2])
+    uniforms = candidate_uniforms([candidate_seed(1, int(p), c) for c, p in enumerate(rows)], 16)
+    opts = SamplingOptions(condition_scale=1.0, top_k=16)
+    guided = sample_codes(prior.model, ids, mask, rows, uniforms, opts, empty_ids=prior.empty_prompt_ids())
+    plain = sample_codes(prior.model, ids, mask, rows, uniforms, opts, empty_ids=None)
+    assert torch.equal(guided, plain)
+    stronger = sample_codes(prior.model, ids, mask, rows, uniforms, SamplingOptions(condition_scale=8.0, top_k=16),
+                            empty_ids=prior.empty_prompt_ids())
+    assert not torch.equal(stronger, plain)  # the unconditional rows do take part
+
+
+def test_candidates_do_not_depend_on_batch_size(prior):
+    full = prior.generate(PROMPTS, num_candidates=4, condition_scale=3.0, top_k=20, seed=11, batch_size=8)
+    ones = prior.generate(PROMPTS, num_candidates=4, condition_scale=3.0, top_k=20, seed=11, batch_size=1)
+    assert torch.equal(full, ones)
+    # a prompt sampled alone gets the same candidates as within the batch
+    alone = prior.generate(PROMPTS[:1], num_candidates=2, condition_scale=3.0, top_k=20, seed=11)
+    assert torch.equal(alone[0], full[0, :2])
+    assert not torch.equal(prior.generate(PROMPTS[:1], 2, condition_scale=3.0, top_k=20, seed=12)[0], alone[0])
+
+
+def test_never_samples_start_token(prior):
+    """Make the start token the overwhelming favourite of the head: it must still never come out."""
+    prior = tiny_prior(prior.tokenizer, seed=1)
+    model = prior.model
+    start = model.cfg.start_token_id
+    with torch.no_grad():
+        last = model.decoder.layers[-1].final_layer_norm
+        last.weight.zero_()
+        last.bias.fill_(1.0)  # every hidden state becomes the all-ones vector
+        model.lm_head.weight[start] = 100.0
+    for opts in (dict(condition_scale=4.0), dict(temperature=5.0), dict(top_p=0.99), dict(temperature=0)):
+        codes = prior.generate(PROMPTS, num_candidates=4, seed=0, **opts)
+        assert int(codes.min()) >= 0 and int(codes.max()) < start
+
+
+def test_prompt_edge_cases(prior):
+    with pytest.warns(UserWarning, match="truncated"):
+        long = prior.generate(["a red circle " * 40], num_candidates=1, seed=0)
+    with pytest.warns(UserWarning, match="empty"):
+        empty = prior.generate([""], num_candidates=1, seed=0)
+    unicode = prior.generate(["ünïcödé 日本 🙂"], num_candidates=1, seed=0)
+    assert long.shape == empty.shape == unicode.shape == (1, 1, 16)
+    with pytest.raises(ValueError):
+        prior.generate(PROMPTS, num_candidates=0)
