@@ -17,6 +17,7 @@ ranks as ``data/skipped_<kind>`` every ``log_every_n_steps``.
 from __future__ import annotations
 
 import math
+import random
 from itertools import islice
 from typing import Any, Optional
 
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader, get_worker_info
 from data.config import DataConfig
 from data.decode import SKIP_KINDS, SampleDecoder, SkipCounter, SkipTally, collate
 from data.errors import DataError
-from data.shards import count_samples, expand_pattern
+from data.shards import count_samples, expand_pattern, read_stages
 
 
 def _worker() -> tuple[int, int]:
@@ -68,6 +69,19 @@ class _WorkerSeed:
 
     def __call__(self) -> int:
         return self.rank * 1000 + _worker()[0]
+
+
+class _SampleShuffle(wds.detshuffle):
+    """Shuffle buffer seeded by (seed, rank, worker, epoch): reproducible, and different in every reader."""
+
+    def __init__(self, bufsize: int, seed: int, rank: int):
+        super().__init__(bufsize, min(bufsize, 256), seed=seed)
+        self.rank = rank
+
+    def run(self, src):
+        self.epoch += 1
+        rng = random.Random(f"{self.seed}/{self.rank}/{_worker()[0]}/{self.epoch}")
+        return wds.filters._shuffle(src, self.bufsize, self.initial, rng)
 
 
 class _Collate:
@@ -141,15 +155,15 @@ class ShardDataModule(pl.LightningDataModule):
             # same seed on every rank -> same permutation, so the rank split stays disjoint
             stages = [wds.SimpleShardList(urls), wds.detshuffle(len(urls), len(urls), seed=seed),
                       _RankSplit(rank, world), wds.split_by_worker]
-        stages.append(wds.tarfile_to_samples(handler=counter.handler))
+        stages += read_stages(counter)
         if c.shuffle_buffer > 1:
-            stages.append(wds.detshuffle(c.shuffle_buffer, min(c.shuffle_buffer, 256), seed=seed + 7919 * rank))
+            stages.append(_SampleShuffle(c.shuffle_buffer, seed, rank))
         stages += [wds.map(self._decoder(True, counter)),
                    wds.batched(c.batch_size, collation_fn=_Collate(counter), partial=not c.drop_last)]
         dataset = wds.DataPipeline(*stages)
         if c.resampled:
             steps = self.steps_per_epoch()
-            dataset = dataset.with_epoch(steps // self._readers).with_length(steps)
+            dataset = dataset.with_epoch(steps // self._readers).with_length(steps, silent=True)
         return dataset
 
     def val_dataset(self) -> Optional[wds.DataPipeline]:
@@ -161,10 +175,9 @@ class ShardDataModule(pl.LightningDataModule):
         counter = SkipCounter()
         if len(urls) >= world * self._readers:
             stages: list = [wds.SimpleShardList(urls), _RankSplit(rank, world), wds.split_by_worker,
-                            wds.tarfile_to_samples(handler=counter.handler)]
+                            *read_stages(counter)]
         else:
-            stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=counter.handler),
-                      _SampleSplit(rank, world)]
+            stages = [wds.SimpleShardList(urls), *read_stages(counter), _SampleSplit(rank, world)]
         stages += [wds.map(self._decoder(False, counter)),
                    wds.batched(c.val_batch_size or c.batch_size, collation_fn=_Collate(counter), partial=True)]
         return wds.DataPipeline(*stages)

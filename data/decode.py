@@ -8,9 +8,10 @@ them and warns once per kind. That is how counts from worker processes reach the
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import warnings
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -34,6 +35,8 @@ class SkipCounter:
         self._new = dict.fromkeys(SKIP_KINDS, 0)
         self._notes = dict.fromkeys(SKIP_KINDS, "")
         self._noted: set[str] = set()
+        self._truncated: set[str] = set()
+        self._current = "?"  # the shard being read
 
     def skip(self, kind: str, detail: str) -> None:
         self.totals[kind] += 1
@@ -44,11 +47,29 @@ class SkipCounter:
             if self.warn:
                 warnings.warn(f"skipping corrupt samples ({kind}): {detail}; further ones are only counted")
 
+    def truncated(self, url: str) -> None:
+        """Count a truncated shard once, however many errors reading it raises."""
+        if url not in self._truncated:
+            self._truncated.add(url)
+            self.skip("truncated", f"shard {url} is cut short; its complete samples are kept")
+
+    def check_shards(self, src: Iterator[dict]) -> Iterator[dict]:
+        """Pipeline stage before the tar reader: flags truncated local shards.
+
+        Python's tarfile ends silently when an archive is cut at a header, so a local shard is checked here: a
+        complete tar is a whole number of 512-byte blocks and ends with two zero blocks.
+        """
+        for item in src:
+            url = self._current = item["url"]
+            if os.path.isfile(url) and not _tar_is_whole(url):
+                self.truncated(url)
+            yield item
+
     def handler(self, exn: Exception) -> bool:
         """webdataset exception handler: count and continue."""
         text = " ".join(str(a) for a in exn.args if isinstance(a, str))[:300]
         if isinstance(exn, (tarfile.TarError, EOFError)) or "unexpected end" in text:
-            self.skip("truncated", f"{type(exn).__name__}: {text}")
+            self.truncated(self._current)
         else:
             self.skip("shard", f"{type(exn).__name__}: {text}")
         return True
@@ -59,6 +80,15 @@ class SkipCounter:
         self._new = dict.fromkeys(SKIP_KINDS, 0)
         self._notes = dict.fromkeys(SKIP_KINDS, "")
         return packet
+
+
+def _tar_is_whole(path: str) -> bool:
+    size = os.path.getsize(path)
+    if size < 1024 or size % 512:
+        return False
+    with open(path, "rb") as fh:
+        fh.seek(size - 1024)
+        return not any(fh.read(1024))
 
 
 class SkipTally:

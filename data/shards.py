@@ -169,6 +169,13 @@ def count_samples(urls: list[str]) -> int:
     return total
 
 
+def read_stages(counter: Any) -> list:
+    """webdataset stages turning a stream of ``{"url"}`` into raw samples, counting truncated/unreadable shards."""
+    import webdataset as wds
+
+    return [counter.check_shards, wds.tarfile_to_samples(handler=counter.handler)]
+
+
 def iter_samples(pattern: str, mode: str = "images", image_size: int = 64,
                  caption_key: str = "txt") -> Iterator[dict[str, Any]]:
     """Decoded samples of ``pattern`` in a deterministic order (shard order, then tar order), no shuffling.
@@ -181,12 +188,10 @@ def iter_samples(pattern: str, mode: str = "images", image_size: int = 64,
 
     from data.decode import SampleDecoder, SkipCounter
 
-    counter = SkipCounter()
+    counter = SkipCounter(warn=True)
     decoder = SampleDecoder(mode, image_size, caption_key=caption_key, train=False, counter=counter)
-    source = wds.DataPipeline(wds.SimpleShardList(expand_pattern(pattern)),
-                              wds.tarfile_to_samples(handler=counter.handler))
+    source = wds.DataPipeline(wds.SimpleShardList(expand_pattern(pattern)), *read_stages(counter))
     for sample in source:
         out = decoder(sample)
         if out is not None:
             yield out
-    counter.warn_pending()

@@ -1,0 +1,58 @@
+"""``python -m data``: prepare shard sets and inspect them. Errors are one line on stderr and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from data.errors import DataError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="write a shard set").add_subparsers(dest="source", required=True)
+
+    shapes = prep.add_parser("shapes", help="the synthetic shapes benchmark (train/val shards + manifest.json)")
+    shapes.add_argument("--out", required=True, help="output folder")
+    shapes.add_argument("--num-samples", type=int, required=True, help="train + val samples")
+    shapes.add_argument("--resolution", type=int, default=64, help="canvas side in pixels (default 64)")
+    shapes.add_argument("--seed", type=int, default=0, help="same seed, same bytes (default 0)")
+    shapes.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    shapes.add_argument("--val-fraction", type=float, default=0.1, help="share of samples in val (default 0.1)")
+
+    folder = prep.add_parser("folder", help="images with same-stem .txt captions, or --captions CSV/JSONL")
+    folder.add_argument("--src", required=True, help="folder of images (searched recursively)")
+    folder.add_argument("--out", required=True, help="output folder for the shards")
+    folder.add_argument("--captions", help="CSV (path,caption) or JSONL ({path, caption}); paths relative to --src")
+    folder.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+
+    insp = sub.add_parser("inspect", help="print one JSON summary of the shards matching PATTERN")
+    insp.add_argument("pattern", help="brace pattern, glob, path or pipe: url; several joined with '::'")
+    insp.add_argument("--caption-key", default="txt")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from data.prepare import inspect_shards, prepare_folder, prepare_shapes  # after argparse: fast --help
+
+    def progress(msg: str) -> None:
+        print(f"wrote {msg}", file=sys.stderr)
+
+    try:
+        if args.command == "inspect":
+            result = inspect_shards(args.pattern, caption_key=args.caption_key)
+        elif args.source == "shapes":
+            m = prepare_shapes(args.out, args.num_samples, resolution=args.resolution, seed=args.seed,
+                               shard_size=args.shard_size, val_fraction=args.val_fraction, progress=progress)
+            result = {"out": args.out, "counts": m["counts"], "splits": m["splits"]}
+        else:
+            result = prepare_folder(args.src, args.out, captions=args.captions, shard_size=args.shard_size,
+                                    progress=progress)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, sort_keys=True))
+    return 0

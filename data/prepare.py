@@ -1,0 +1,239 @@
+"""Shard tools behind ``python -m data``: the shapes set, a folder of captioned images, and shard inspection.
+
+Every writer here is resumable: a shard is written under a temporary name and renamed when complete, the sample ->
+shard assignment is a pure function of the inputs, and a rerun skips the shards that already exist.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tarfile
+from collections import Counter
+from typing import Any, Callable, Iterable, Optional
+
+from PIL import Image
+
+from data.decode import CODES_EXT, IMAGE_EXTS, SKIP_KINDS, SkipCounter, decode_codes, load_image
+from data.errors import DataError
+from data.shapes import HELDOUT_SEED, all_combinations, heldout_combinations, make_sample, spec_dict
+from data.shards import ShardWriter, expand_pattern, read_stages, shard_name
+
+Progress = Optional[Callable[[str], None]]
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _write_shards(out_dir: str, n_items: int, shard_size: int, make: Callable[[int], Optional[dict]],
+                  progress: Progress = None) -> tuple[list[str], int]:
+    """Shard i holds items [i*K, (i+1)*K); finished shards are skipped. Returns (shard names, shards written)."""
+    names, written = [], 0
+    os.makedirs(out_dir, exist_ok=True)
+    for i in range(math.ceil(n_items / shard_size)):
+        names.append(shard_name(i))
+        if os.path.exists(os.path.join(out_dir, names[-1])):
+            continue
+        with ShardWriter(out_dir, shard_size=shard_size, start_index=i) as writer:
+            for j in range(i * shard_size, min(n_items, (i + 1) * shard_size)):
+                sample = make(j)
+                if sample is not None:
+                    writer.write(sample)
+        if not writer.written:  # every item of the shard was unusable: an empty shard marks it done
+            tarfile.open(writer.path(i) + ".tmp", "w", format=tarfile.USTAR_FORMAT).close()
+            os.replace(writer.path(i) + ".tmp", writer.path(i))
+        written += 1
+        if progress:
+            progress(f"{out_dir}/{names[-1]}")
+    return names, written
+
+
+def prepare_shapes(out: str, num_samples: int, resolution: int = 64, seed: int = 0, shard_size: int = 1000,
+                   val_fraction: float = 0.1, heldout_seed: int = HELDOUT_SEED, progress: Progress = None) -> dict:
+    """Write the shapes set: OUT/train/*.tar, OUT/val/*.tar, OUT/manifest.json. Returns the manifest."""
+    if num_samples < 2:
+        raise DataError(f"--num-samples must be >= 2, got {num_samples}")
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if resolution < 16:
+        raise DataError(f"--resolution must be >= 16, got {resolution}")
+    if shard_size < 1:
+        raise DataError(f"--shard-size must be >= 1, got {shard_size}")
+    n_val = min(num_samples - 1, max(1, round(num_samples * val_fraction)))
+    counts = {"train": num_samples - n_val, "val": n_val, "val_heldout": (n_val + 1) // 2}
+    held = heldout_combinations(heldout_seed)
+    held_set = set(held)
+    seen = [c for c in all_combinations() if c not in held_set]
+    settings = {"seed": seed, "resolution": resolution, "num_samples": num_samples, "shard_size": shard_size,
+                "val_fraction": val_fraction, "heldout_seed": heldout_seed}
+    manifest_path = os.path.join(out, "manifest.json")
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as fh:
+            old = json.load(fh).get("settings")
+        if old != settings:
+            raise DataError(f"{out} holds a shapes set made with other settings ({old}); choose another --out")
+    os.makedirs(out, exist_ok=True)
+    manifest: dict[str, Any] = {
+        "name": "shapes", "version": 1, "settings": settings, "counts": counts, "spec": spec_dict(),
+        "num_combinations": len(seen) + len(held), "heldout": [list(c) for c in held], "complete": False,
+        "splits": {"train": "train/{%s..%s}.tar", "val": "val/{%s..%s}.tar"},
+    }
+    _write_json(manifest_path, manifest)  # first, so a rerun with other settings cannot mix shards
+    shards = {}
+    for split in ("train", "val"):
+        def make(j: int, split: str = split) -> dict:
+            return make_sample(split, j, seed, resolution, seen, held)
+
+        shards[split], _ = _write_shards(os.path.join(out, split), counts[split], shard_size, make, progress)
+        first, last = shards[split][0][:-4], shards[split][-1][:-4]
+        manifest["splits"][split] = f"{split}/{{{first}..{last}}}.tar" if first != last else f"{split}/{first}.tar"
+    manifest["shards"] = shards
+    manifest["complete"] = True
+    _write_json(manifest_path, manifest)
+    return manifest
+
+
+# ---- a folder of captioned images ------------------------------------------------------------------------------
+def _read_captions(path: str, src: str) -> dict[str, str]:
+    """CSV (columns path,caption; a header naming them is optional) or JSONL ({"path", "caption"}) -> relpath->caption."""
+    if not os.path.isfile(path):
+        raise DataError(f"captions file not found: {path}")
+    rows: list[tuple[str, str]] = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        if path.lower().endswith((".jsonl", ".json")):
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        obj = json.loads(line)
+                        rows.append((str(obj["path"]), str(obj["caption"])))
+                    except (ValueError, KeyError, TypeError):
+                        raise DataError(f"{path}:{n}: expected a JSON object with 'path' and 'caption'") from None
+        else:
+            table = [r for r in csv.reader(fh) if r]
+            cols = (0, 1)
+            if table and {"path", "caption"} <= {c.strip().lower() for c in table[0]}:
+                header = [c.strip().lower() for c in table.pop(0)]
+                cols = (header.index("path"), header.index("caption"))
+            for n, r in enumerate(table, 1):
+                if len(r) <= max(cols):
+                    raise DataError(f"{path}: row {n} has {len(r)} column(s); expected path,caption")
+                rows.append((r[cols[0]], r[cols[1]]))
+    out = {}
+    for p, caption in rows:
+        rel = os.path.relpath(p, src) if os.path.isabs(p) else os.path.normpath(p)
+        out[rel] = caption
+    return out
+
+
+def _list_images(src: str) -> list[str]:
+    found = []
+    for root, dirs, files in os.walk(src):
+        dirs.sort()
+        for f in sorted(files):
+            if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
+                found.append(os.path.relpath(os.path.join(root, f), src))
+    return found
+
+
+def _image_member(path: str) -> tuple[str, bytes]:
+    """(extension, bytes): JPEG/PNG/WebP stored as they are (after a decode check), others re-encoded as PNG."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    img = Image.open(io.BytesIO(data))
+    fmt = img.format
+    img.load()
+    if fmt in ("JPEG", "PNG", "WEBP"):
+        return {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt], data
+    buf = io.BytesIO()
+    (img if img.mode in ("RGB", "RGBA", "L", "LA") else img.convert("RGBA")).save(buf, format="PNG")
+    return "png", buf.getvalue()
+
+
+def prepare_folder(src: str, out: str, captions: Optional[str] = None, shard_size: int = 1000,
+                   progress: Progress = None) -> dict:
+    """Images under ``src`` with a same-stem ``.txt`` caption (or captions from a CSV/JSONL) -> shards in ``out``."""
+    if not os.path.isdir(src):
+        raise DataError(f"--src {src} is not a folder")
+    table = _read_captions(captions, src) if captions else None
+    pairs, no_caption = [], 0
+    for rel in _list_images(src):
+        if table is not None:
+            caption = table.get(os.path.normpath(rel))
+        else:
+            txt = os.path.join(src, os.path.splitext(rel)[0] + ".txt")
+            caption = open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else None
+        if caption is None:
+            no_caption += 1
+        else:
+            pairs.append((rel, caption))
+    if not pairs:
+        raise DataError(f"no captioned image found under {src} ({no_caption} image(s) without caption)")
+    bad: list[str] = []
+
+    def make(j: int) -> Optional[dict]:
+        rel, caption = pairs[j]
+        try:
+            ext, data = _image_member(os.path.join(src, rel))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            bad.append(rel)
+            return None
+        return {"__key__": f"{j:09d}", ext: data, "txt": caption, "json": json.dumps({"source": rel})}
+
+    names, written = _write_shards(out, len(pairs), shard_size, make, progress)
+    return {"out": out, "shards": len(names), "shards_written": written, "samples": len(pairs) - len(bad),
+            "images_without_caption": no_caption, "unreadable_images": bad,
+            "missing_images": sorted(set(table) - set(map(os.path.normpath, _list_images(src)))) if table else []}
+
+
+# ---- inspection ------------------------------------------------------------------------------------------------
+def _tar_samples(url: str, counter: SkipCounter) -> Iterable[dict]:
+    import webdataset as wds
+
+    return wds.DataPipeline(wds.SimpleShardList([url]), *read_stages(counter))
+
+
+def inspect_shards(pattern: str, caption_key: str = "txt") -> dict:
+    """One summary dict of the shards matching ``pattern``: counts, extensions, corrupt and uncaptioned samples."""
+    urls = expand_pattern(pattern)
+    counter = SkipCounter()
+    exts: Counter = Counter()
+    sizes: Counter = Counter()
+    keys: Counter = Counter()
+    samples = without_caption = 0
+    for url in urls:
+        for sample in _tar_samples(url, counter):
+            samples += 1
+            keys[sample["__key__"]] += 1
+            fields = [k for k in sample if not k.startswith("__")]
+            exts.update(fields)
+            if caption_key not in sample:
+                without_caption += 1
+            image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+            if image_ext:
+                try:
+                    img = load_image(sample[image_ext])
+                    sizes[f"{img.width}x{img.height}"] += 1
+                except Exception as exc:  # PIL raises many types for damaged files
+                    counter.skip("image", f"{sample['__key__']}: {exc}")
+            elif CODES_EXT in sample:
+                try:
+                    sizes["codes " + "x".join(map(str, decode_codes(sample[CODES_EXT]).shape))] += 1
+                except Exception as exc:
+                    counter.skip("codes", f"{sample['__key__']}: {exc}")
+            else:
+                counter.skip("missing", sample["__key__"])
+    corrupt = {k: counter.totals[k] for k in SKIP_KINDS if counter.totals[k] and k != "caption"}
+    return {"pattern": pattern, "shards": len(urls), "samples": samples, "unique_keys": len(keys),
+            "duplicate_keys": sum(1 for n in keys.values() if n > 1), "extensions": dict(sorted(exts.items())),
+            "sizes": dict(sizes.most_common(10)), "corrupt": corrupt,
+            "corrupt_samples": sum(v for k, v in corrupt.items() if k in ("image", "codes", "missing")),
+            "truncated_shards": counter.totals["truncated"], "unreadable_shards": counter.totals["shard"],
+            "without_caption": without_caption}
+
