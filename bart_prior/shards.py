@@ -37,9 +37,9 @@ def check_batch(codes: torch.Tensor, codebook_size: int, grid: Sequence[int], wh
                                 " encode the shards with the VQGAN the prior is for, or fix model.codebook_size")
 
 
-def check_code_shards(pattern: str, codebook_size: int, grid: Sequence[int], max_samples: int = 16) -> None:
+def check_code_shards(pattern: str, codebook_size: int, grid: Sequence[int], max_samples: int = 64) -> None:
     """Check the manifest (when there is one) and the first ``max_samples`` samples of ``pattern``."""
-    from data.shards import expand_pattern, iter_samples
+    from data import expand_pattern, iter_samples
 
     urls = expand_pattern(pattern)
     found = _manifest(urls)

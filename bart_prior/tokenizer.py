@@ -24,7 +24,7 @@ def iter_captions(pattern: str, caption_key: str = "txt") -> Iterator[str]:
     """Captions of a shard set in file order; only the caption members are decoded (images are skipped)."""
     import webdataset as wds
 
-    from data.shards import expand_pattern
+    from data import expand_pattern
 
     urls = expand_pattern(pattern)
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)

@@ -6,11 +6,11 @@ distribution that guided sampling subtracts.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +21,9 @@ from bart_prior.shards import check_batch, check_code_shards
 from bart_prior.tokenizer import load_tokenizer
 from launch.components import Component
 from launch.config import ConfigError, RunConfig
+from launch.sharding import ShardedModule
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,7 +84,7 @@ def build_prior(cfg: DictConfig) -> BartPrior:
     return BartPrior(model_cfg, tok)
 
 
-class PriorModule(pl.LightningModule):
+class PriorModule(ShardedModule):
     def __init__(self, cfg: DictConfig):
         super().__init__()
         self.save_hyperparameters(OmegaConf.to_container(cfg, resolve=True))
@@ -111,7 +114,8 @@ class PriorModule(pl.LightningModule):
 
             vq = VQGAN.from_pretrained(self.cfg.model.vqgan_for_samples).eval()
             c = self.prior.config
-            size, grid = getattr(vq, "codebook_size", c.codebook_size), getattr(vq, "grid", c.grid)
+            size = getattr(vq, "codebook_size", None) or vq.config.num_codes
+            grid = getattr(vq, "grid", None) or (vq.config.token_grid, vq.config.token_grid)
             if size != c.codebook_size or tuple(grid) != tuple(c.grid):
                 raise ConfigError(f"model.vqgan_for_samples has {size} codes on a {tuple(grid)} grid; the prior "
                                   f"predicts {c.codebook_size} codes on {tuple(c.grid)}")
@@ -175,6 +179,12 @@ class PriorModule(pl.LightningModule):
         """Sample the fixed prompts and log the decoded images (one row of candidates per prompt)."""
         from launch.images import log_image_grid
 
+        from pytorch_lightning.strategies import ModelParallelStrategy
+
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            # the cached sampler calls layers' projections directly, which sharded parameters do not allow
+            log.warning("image samples are not drawn under FSDP; sample the exported prior instead")
+            return None
         t = self.cfg.train
         prompts = list(t.sample_prompts) or self._val_prompts[: t.sample_num_prompts]
         if not prompts:
@@ -209,6 +219,9 @@ class PriorModule(pl.LightningModule):
 
     def export(self, out_dir: str) -> None:
         self.prior.save_pretrained(out_dir)
+
+    def fsdp_root(self) -> torch.nn.Module:
+        return self.model
 
     def fsdp_blocks(self) -> list[torch.nn.Module]:
         return [*self.model.encoder.layers, *self.model.decoder.layers]

@@ -1,0 +1,85 @@
+"""Training the prior through train.py's run_training on tiny code shards."""
+import csv
+import os
+
+import pytest
+import torch
+
+from bart_prior import BartPrior
+from bart_prior.shards import CodeShardMismatch, check_code_shards
+from launch.train import run_training
+
+from _bart_prior_helpers import make_tokenizer, write_code_shards
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/bart_prior/tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prior_train")
+    train = write_code_shards(str(root / "codes/train"), 256, seed=0)
+    val = write_code_shards(str(root / "codes/val"), 32, seed=1)
+    tok = str(root / "tok")
+    make_tokenizer(tok)
+    return root, [f"data.train={train}", f"data.val={val}", f"tokenizer.path={tok}", f"runs_dir={root}/runs"]
+
+
+def _metrics(run_root: str) -> list[dict]:
+    with open(os.path.join(run_root, "csv", "metrics.csv")) as fh:
+        return list(csv.DictReader(fh))
+
+
+def _tiny_vqgan(folder: str) -> str:
+    from vqgan import VQGAN, preset
+
+    VQGAN(preset("tiny", resolution=8, num_codes=64)).save_pretrained(folder)  # 8 px, f2: a 4x4 code grid
+    return folder
+
+
+def test_training_reduces_loss_and_exports(setup):
+    root, overrides = setup
+    vq = _tiny_vqgan(str(root / "vqgan"))
+    result = run_training("bart_prior", CONFIG, overrides + [
+        "name=fit", "trainer.max_steps=40", "trainer.val_check_interval=20", f"model.vqgan_for_samples={vq}",
+        "train.sample_every_n_validations=2", "optim.name=adafactor", "optim.lr=1e-2"])
+    rows = _metrics(result.run.root)
+    train = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    assert len(val) == 2 and val[-1] < val[0] - 0.2, val
+    assert train[-1] < train[0] - 0.5, train
+    keys = {k for r in rows for k, v in r.items() if v}
+    assert {"train/perplexity", "train/token_accuracy", "train/lr", "train/grad_norm",
+            "val/perplexity", "val/token_accuracy"} <= keys
+    images = os.listdir(os.path.join(result.run.root, "images"))
+    assert len(images) == 1 and images[0].startswith("val_samples")  # every 2nd validation
+    prior = BartPrior.from_pretrained(result.export_dir)
+    codes = prior.generate(["a red circle"], num_candidates=2, seed=0)
+    assert codes.shape == (1, 2, 16) and int(codes.max()) < 64
+
+
+def test_mismatched_code_shards_fail_at_start(setup, tmp_path):
+    root, overrides = setup
+    wrong_grid = write_code_shards(str(tmp_path / "grid"), 16, grid=(8, 8))
+    with pytest.raises(CodeShardMismatch, match="grid"):
+        run_training("bart_prior", CONFIG, overrides + [f"data.train={wrong_grid}", "name=bad_grid"])
+    big_codes = write_code_shards(str(tmp_path / "big"), 16, codebook_size=1024)
+    with pytest.raises(CodeShardMismatch, match="codebook_size is 64"):
+        check_code_shards(big_codes, 64, [4, 4])
+    with open(tmp_path / "big" / "manifest.json", "w") as fh:
+        fh.write('{"codebook_size": 1024, "grid": [4, 4]}')
+    with pytest.raises(CodeShardMismatch, match="1024-entry codebook"):
+        check_code_shards(big_codes, 2048, [4, 4])
+    run = root / "runs" / "bad_grid"
+    assert not (run / "checkpoints" / "last.ckpt").exists()
+
+
+def test_lr_schedule_shapes():
+    from bart_prior.training import lr_factor
+
+    cos = lr_factor(10, 110, "cosine", 0.1)
+    lin = lr_factor(10, 110, "linear", 0.0)
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
+    assert cos(60) == pytest.approx(0.55) and cos(110) == pytest.approx(0.1)
+    assert lin(60) == pytest.approx(0.5) and lin(200) == pytest.approx(0.0)
+    assert lr_factor(10, 110, "constant", 0.1)(100) == 1.0
+    torch.manual_seed(0)
