@@ -57,7 +57,10 @@ def _write_shards(out_dir: str, n_items: int, shard_size: int, make: Callable[[i
 
 def prepare_shapes(out: str, num_samples: int, resolution: int = 64, seed: int = 0, shard_size: int = 1000,
                    val_fraction: float = 0.1, heldout_seed: int = HELDOUT_SEED, progress: Progress = None) -> dict:
-    """Write the shapes set: OUT/train/*.tar, OUT/val/*.tar, OUT/manifest.json. Returns the manifest."""
+    """Write the shapes set: OUT/train/*.tar, OUT/val/*.tar, OUT/manifest.json. Returns the manifest.
+
+    manifest.json is written last, so its presence means the set is complete; a rerun skips finished shards.
+    """
     if num_samples < 2:
         raise DataError(f"--num-samples must be >= 2, got {num_samples}")
     if not 0.0 < val_fraction < 1.0:
@@ -73,19 +76,19 @@ def prepare_shapes(out: str, num_samples: int, resolution: int = 64, seed: int =
     seen = [c for c in all_combinations() if c not in held_set]
     settings = {"seed": seed, "resolution": resolution, "num_samples": num_samples, "shard_size": shard_size,
                 "val_fraction": val_fraction, "heldout_seed": heldout_seed}
-    manifest_path = os.path.join(out, "manifest.json")
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as fh:
-            old = json.load(fh).get("settings")
-        if old != settings:
-            raise DataError(f"{out} holds a shapes set made with other settings ({old}); choose another --out")
+    manifest_path, pending = os.path.join(out, "manifest.json"), os.path.join(out, ".prepare.json")
+    for path in (manifest_path, pending):  # a rerun must not mix shards made with other settings
+        if os.path.exists(path):
+            with open(path) as fh:
+                old = json.load(fh).get("settings")
+            if old != settings:
+                raise DataError(f"{out} holds a shapes set made with other settings ({old}); choose another --out")
     os.makedirs(out, exist_ok=True)
+    _write_json(pending, {"settings": settings})
     manifest: dict[str, Any] = {
         "name": "shapes", "version": 1, "settings": settings, "counts": counts, "spec": spec_dict(),
-        "num_combinations": len(seen) + len(held), "heldout": [list(c) for c in held], "complete": False,
-        "splits": {"train": "train/{%s..%s}.tar", "val": "val/{%s..%s}.tar"},
+        "num_combinations": len(seen) + len(held), "heldout": [list(c) for c in held], "splits": {},
     }
-    _write_json(manifest_path, manifest)  # first, so a rerun with other settings cannot mix shards
     shards = {}
     for split in ("train", "val"):
         def make(j: int, split: str = split) -> dict:
@@ -95,8 +98,8 @@ def prepare_shapes(out: str, num_samples: int, resolution: int = 64, seed: int =
         first, last = shards[split][0][:-4], shards[split][-1][:-4]
         manifest["splits"][split] = f"{split}/{{{first}..{last}}}.tar" if first != last else f"{split}/{first}.tar"
     manifest["shards"] = shards
-    manifest["complete"] = True
-    _write_json(manifest_path, manifest)
+    _write_json(manifest_path, manifest)  # last: its presence says the set is complete
+    os.remove(pending)
     return manifest
 
 

@@ -39,7 +39,8 @@ def shapes_dir(tmp_path_factory):
 
 def test_prepare_shapes_layout_and_determinism(shapes_dir, tmp_path):
     manifest = json.load(open(os.path.join(shapes_dir, "manifest.json")))
-    assert manifest["counts"] == {"train": 216, "val": 24, "val_heldout": 12} and manifest["complete"]
+    assert manifest["counts"] == {"train": 216, "val": 24, "val_heldout": 12}
+    assert not os.path.exists(os.path.join(shapes_dir, ".prepare.json"))
     assert sorted(os.listdir(os.path.join(shapes_dir, "train"))) == [f"{i:06d}.tar" for i in range(5)]
     again = str(tmp_path / "again")
     main(["prepare", "shapes", "--out", again, "--num-samples", "240", "--shard-size", "50"])
