@@ -1,0 +1,112 @@
+"""Scoring and reranking generated candidates with a trained (or any open_clip) CLIP model."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+
+from clip_rank.io import load_clip
+from clip_rank.model import ClipModel
+
+Images = Union[torch.Tensor, Sequence[Union[torch.Tensor, Image.Image]]]
+
+
+class ClipRanker:
+    """Cosine similarity between prompts and images, with the model's own preprocessing.
+
+    Images are PIL images (through open_clip's own eval transform) or tensors in [-1, 1], either one (B, 3, H, W)
+    tensor or a list of (3, H, W) tensors (resized/cropped/normalised the same way as the transform does).
+    """
+
+    def __init__(self, model: ClipModel, device: Union[str, torch.device] = "cpu", batch_size: int = 64) -> None:
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        pp = {k: v for k, v in model.preprocess_cfg.items() if k in PreprocessCfg.__dataclass_fields__}
+        self.transform = image_transform_v2(PreprocessCfg(**pp), is_train=False)
+
+    @classmethod
+    def from_pretrained(cls, folder: str, device: Union[str, torch.device] = "cpu",
+                        batch_size: int = 64) -> "ClipRanker":
+        """Load an exported folder (open_clip_config.json + open_clip_model.safetensors)."""
+        return cls(load_clip(folder), device=device, batch_size=batch_size)
+
+    def _pixels(self, images: Images) -> list[torch.Tensor]:
+        """-> chunks of model-ready pixels, at most ``batch_size`` images each."""
+        if isinstance(images, torch.Tensor):
+            if images.ndim == 3:
+                images = images.unsqueeze(0)
+            items: list = list(images.split(self.batch_size))
+            tensors = True
+        else:
+            items = list(images)
+            tensors = False
+        if not items:
+            raise ValueError("no images to score")
+        chunks = []
+        if tensors:
+            for chunk in items:
+                chunks.append(self._from_tensor(chunk))
+            return chunks
+        for start in range(0, len(items), self.batch_size):
+            part = items[start:start + self.batch_size]
+            if all(isinstance(im, Image.Image) for im in part):
+                chunks.append(torch.stack([self.transform(im) for im in part]).to(self.device))
+            elif all(isinstance(im, torch.Tensor) for im in part):
+                chunks.append(self._from_tensor(torch.stack([im.squeeze(0) if im.ndim == 4 else im for im in part])))
+            else:
+                raise ValueError("images must be all PIL images or all tensors in [-1, 1]")
+        return chunks
+
+    def _from_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        if not images.is_floating_point():
+            raise ValueError(f"image tensors must be float in [-1, 1], got {images.dtype}")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < -1.01 or hi > 1.01:
+            raise ValueError(f"image tensors must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]")
+        return self.model.prepare_images(images.to(self.device))
+
+    @torch.inference_mode()
+    def image_features(self, images: Images) -> torch.Tensor:
+        """Unit-length image embeddings (N, D)."""
+        return torch.cat([self.model.encode_preprocessed(px).float() for px in self._pixels(images)])
+
+    @torch.inference_mode()
+    def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Unit-length text embeddings (N, D)."""
+        prompts = list(prompts)
+        return torch.cat([self.model.encode_texts(prompts[i:i + self.batch_size]).float()
+                          for i in range(0, len(prompts), self.batch_size)])
+
+    @torch.inference_mode()
+    def score(self, prompts: Union[str, Sequence[str]], images: Images) -> torch.Tensor:
+        """Cosine similarity of each image with its prompt: (N,) floats on the CPU.
+
+        ``prompts`` is one prompt for all images, or one per image.
+        """
+        img = self.image_features(images)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if len(prompts) not in (1, img.shape[0]):
+            raise ValueError(f"got {len(prompts)} prompts for {img.shape[0]} images; give one, or one per image")
+        unique = list(dict.fromkeys(prompts))  # each distinct prompt is encoded once
+        txt = self.text_features(unique)
+        index = torch.tensor([unique.index(p) for p in prompts], device=txt.device)
+        txt = txt[index].expand(img.shape[0], -1) if len(prompts) == 1 else txt[index]
+        return (img * txt).sum(-1).cpu()
+
+    @torch.inference_mode()
+    def rank(self, prompt: str, images: Images, k: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` best images for ``prompt`` (all when k is None): (indices, scores), best first."""
+        if not isinstance(prompt, str):
+            raise ValueError("rank takes one prompt (a string); use score() for one prompt per image")
+        scores = self.score(prompt, images)
+        order = torch.sort(scores, descending=True, stable=True).indices
+        if k is not None:
+            if k < 1:
+                raise ValueError(f"k must be >= 1, got {k}")
+            order = order[:k]
+        return order, scores[order]
