@@ -171,7 +171,10 @@ def prepare_folder(src: str, out: str, captions: Optional[str] = None, shard_siz
             caption = table.get(os.path.normpath(rel))
         else:
             txt = os.path.join(src, os.path.splitext(rel)[0] + ".txt")
-            caption = open(txt, encoding="utf-8").read().strip() if os.path.isfile(txt) else None
+            caption = None
+            if os.path.isfile(txt):
+                with open(txt, encoding="utf-8") as fh:
+                    caption = fh.read().strip()
         if caption is None:
             no_caption += 1
         else:
