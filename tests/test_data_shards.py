@@ -113,3 +113,24 @@ def test_resize_shorter_side_and_center_crop(tmp_path):
     (s,) = list(iter_samples(str(tmp_path / "*.tar"), image_size=10))
     assert s["image"].shape == (3, 10, 10)
     assert torch.allclose(s["image"][:, 5, 0], torch.tensor([1.0, -1.0, -1.0]), atol=0.05)
+
+
+@pytest.mark.parametrize("cut", ["header", "data", "end_blocks"])
+def test_truncated_shard_counted_once(tmp_path, cut):
+    write_set(str(tmp_path), 1, 6, size=16)
+    shard = tmp_path / "000000.tar"
+    data = shard.read_bytes()
+    # every sample is 2 members of 512-byte header + 512-byte data block
+    offset = {"header": 4 * 1024 + 100, "data": 4 * 1024 + 600, "end_blocks": 6 * 2048}[cut]
+    shard.write_bytes(data[:offset])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        keys = [s["key"] for s in iter_samples(str(shard), image_size=8)]
+    assert keys == ["s00000", "s00001"] if cut != "end_blocks" else len(keys) == 6  # whole samples are kept
+    assert sum("(truncated)" in str(w.message) for w in caught) == 1
+
+
+def test_pipe_urls(tmp_path):
+    keys = write_set(str(tmp_path), 2, 2)
+    got = [s["key"] for s in iter_samples(f"pipe:cat {tmp_path}/{{000000..000001}}.tar", image_size=8)]
+    assert got == keys
