@@ -67,6 +67,7 @@ class _CachedDecoder:
         dec, cfg = model.decoder, model.cfg
         self.model, self.layers = model, dec.layers
         self.heads, self.hd = cfg.attention_heads, cfg.d_model // cfg.attention_heads
+        self.scale = self.hd ** -0.5
         n, length = row_source.numel(), cfg.seq_len
         ref = encoder_hidden
         self.k_cache = [ref.new_empty(n, self.heads, length, self.hd) for _ in self.layers]
@@ -94,7 +95,9 @@ class _CachedDecoder:
             self.k_cache[i][:, :, pos] = self._split(sa.k_proj(x))[:, :, 0]
             self.v_cache[i][:, :, pos] = self._split(sa.v_proj(x))[:, :, 0]
             q = self._split(sa.q_proj(x))
-            a = F.scaled_dot_product_attention(q, self.k_cache[i][:, :, : pos + 1], self.v_cache[i][:, :, : pos + 1])
+            # one query against the cache: two batched matmuls beat SDPA's kernel on CPU for this shape
+            scores = (q @ self.k_cache[i][:, :, : pos + 1].transpose(-1, -2)) * self.scale
+            a = torch.softmax(scores, dim=-1) @ self.v_cache[i][:, :, : pos + 1]
             x = layer.self_attn_layer_norm(x + sa.out_proj(a.transpose(1, 2).reshape(n, 1, -1)))
             ca = layer.encoder_attn
             k, v = self.cross[i]
