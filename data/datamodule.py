@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from itertools import islice
 from typing import Any, Optional
 
@@ -152,6 +153,9 @@ class ShardDataModule(pl.LightningDataModule):
                 raise DataError(f"data.train has {len(urls)} shard(s) but {world} rank(s) x {self._readers} "
                                 "worker(s) need at least one each: write more/smaller shards, lower "
                                 "data.num_workers, or set data.resampled=true")
+            if world > 1:
+                warnings.warn("data.resampled is false on several ranks: ranks may get unequal batch counts per "
+                              "epoch (shards differ in size); set data.resampled=true for multi-rank training")
             # same seed on every rank -> same permutation, so the rank split stays disjoint
             stages = [wds.SimpleShardList(urls), wds.detshuffle(len(urls), len(urls), seed=seed),
                       _RankSplit(rank, world), wds.split_by_worker]

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 from data import DataConfig, DataError, ShardDataModule, ShardWriter
-from tests._data_helpers import pattern, png, write_set
+from _data_helpers import pattern, png, write_set
 
 
 def _keys(loader) -> list[str]:

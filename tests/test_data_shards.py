@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from data import DataError, ShardWriter, complete_shards, count_samples, expand_pattern, iter_samples, load_image
-from tests._data_helpers import colour, pattern, png, write_set
+from _data_helpers import colour, pattern, png, write_set
 
 
 def test_expand_pattern_forms(tmp_path):
