@@ -1,7 +1,6 @@
 """The shapes benchmark: deterministic preparation, held-out split, the oracle, and the CLI."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
