@@ -85,6 +85,41 @@ class _SampleShuffle(wds.detshuffle):
         return wds.filters._shuffle(src, self.bufsize, self.initial, rng)
 
 
+class _SkipOnce:
+    """Drop the first samples of the first pass, so a resumed run continues its epoch where the checkpoint was taken.
+
+    ``batches`` train batches had been consumed over all readers; batches come from the readers in turn, so this
+    reader skips its share (counted in samples, before decoding, which keeps a large skip cheap).
+    """
+
+    def __init__(self, batches: int, batch_size: int):
+        self.batches, self.batch_size = batches, batch_size
+        self.done = False
+
+    def reader_share(self) -> int:
+        worker, workers = _worker()
+        return len(range(worker, self.batches, workers))
+
+    def __call__(self, src):
+        skip = 0 if self.done else self.reader_share() * self.batch_size
+        self.done = True
+        yield from islice(src, skip, None)
+
+
+class _EpochLimit:
+    """Ends each pass of an endless (resampled) stream after ``batches`` batches of this reader; the first pass of
+    a resumed run is shorter by the batches its :class:`_SkipOnce` skipped."""
+
+    def __init__(self, batches: int, skip: Optional[_SkipOnce]):
+        self.batches, self.skip = batches, skip
+        self.first = True
+
+    def __call__(self, src):
+        n = self.batches - (self.skip.reader_share() if self.skip is not None and self.first else 0)
+        self.first = False
+        yield from islice(src, max(0, n))
+
+
 class _Collate:
     def __init__(self, counter: SkipCounter):
         self.counter = counter
@@ -105,6 +140,9 @@ class ShardDataModule(pl.LightningDataModule):
         self.cfg = cfg
         self._rank, self._world = rank, world_size
         self.tally = SkipTally()
+        # the train position (epoch, batches consumed in it): saved in checkpoints, restored before the loaders
+        self.position = {"epoch": 0, "batches": 0}
+        self._resume_from: Optional[dict[str, int]] = None
         if cfg.mode not in ("images", "codes"):
             raise DataError(f"data.mode must be 'images' or 'codes', got '{cfg.mode}'")
         for name in ("batch_size", "image_size"):
@@ -162,13 +200,21 @@ class ShardDataModule(pl.LightningDataModule):
         stages += read_stages(counter)
         if c.shuffle_buffer > 1:
             stages.append(_SampleShuffle(c.shuffle_buffer, seed, rank))
+        skip = None
+        if self._resume_from:
+            # every seeded stage draws its epoch-th stream: start them at the resumed epoch, then skip what was used
+            for stage in stages:
+                if hasattr(stage, "epoch"):
+                    stage.epoch = self._resume_from["epoch"] - 1
+            skip = _SkipOnce(self._resume_from["batches"], c.batch_size)
+            stages.append(skip)
         stages += [wds.map(self._decoder(True, counter)),
                    wds.batched(c.batch_size, collation_fn=_Collate(counter), partial=not c.drop_last)]
-        dataset = wds.DataPipeline(*stages)
         if c.resampled:
             steps = self.steps_per_epoch()
-            dataset = dataset.with_epoch(steps // self._readers).with_length(steps, silent=True)
-        return dataset
+            stages.append(_EpochLimit(steps // self._readers, skip))
+            return wds.DataPipeline(*stages).with_length(steps, silent=True)
+        return wds.DataPipeline(*stages)
 
     def val_dataset(self) -> Optional[wds.DataPipeline]:
         c = self.cfg
@@ -207,7 +253,25 @@ class ShardDataModule(pl.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, dict) and "skipped" in batch:
             self.tally.add(batch.pop("skipped"))
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training:
+            if trainer.current_epoch != self.position["epoch"]:
+                self.position = {"epoch": trainer.current_epoch, "batches": 0}
+            self.position["batches"] += 1
         return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": dict(self.position), "skipped": dict(self.tally.totals)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next train loader continues the saved epoch after its consumed batches. Exact with 0 or 1
+        loader workers; with more, the same batches come in another interleaving (the loader restarts its
+        round-robin at worker 0); corrupt samples skipped before the checkpoint shift the position by that many."""
+        self.position = dict(state.get("position", self.position))
+        self._resume_from = dict(self.position)
+        for kind, n in state.get("skipped", {}).items():
+            if kind in self.tally.totals:
+                self.tally.totals[kind] = n
 
 
 class SkippedSamplesLogger(pl.Callback):
