@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             a = _bundle_parser().parse_args(argv[1:])
             print(assemble_bundle(a.vqgan, a.prior, a.clip, a.out))
             return 0
-        args = _train_parser().parse_args(argv)
+        args = _train_parser().parse_intermixed_args(argv)
         if args.slurm:
             return _slurm(args)
         from launch.train import run_training

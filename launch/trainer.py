@@ -8,7 +8,8 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from launch.config import ConfigError
@@ -27,6 +28,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+
+
+class RNGStateCheckpoint(Callback):
+    """Saves the process RNG states (python, numpy, torch CPU and CUDA) in checkpoints and restores them on resume,
+    which Lightning does not do by itself: dropout, caption dropout and sampling continue as if never stopped."""
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        states = _collect_rng_states()
+        kind, keys, pos, has_gauss, cached = states.pop("numpy")
+        # numpy's key array as a tensor, so checkpoints still load with torch.load(weights_only=True)
+        states["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
+        checkpoint["rng_states"] = states
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            states = dict(checkpoint["rng_states"])
+            kind, keys, pos, has_gauss, cached = states["numpy"]
+            states["numpy"] = (kind, keys.numpy().astype("uint32"), pos, has_gauss, cached)
+            _set_rng_states(states)
 
 
 def _accelerator(tc: DictConfig) -> str:
@@ -63,7 +83,7 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None) -
         every_n_train_steps=tc.checkpoint_every_n_steps, save_last=True,
         monitor="step", mode="max", save_top_k=tc.keep_checkpoints,
     )
-    cbs: list = [checkpoint, LearningRateMonitor(logging_interval="step")]
+    cbs: list = [checkpoint, RNGStateCheckpoint(), LearningRateMonitor(logging_interval="step")]
     if tc.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, tc.log_every_n_steps)))
     cbs += callbacks or []
