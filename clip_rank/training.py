@@ -69,18 +69,30 @@ def make_clip_loss(rank: int = 0, world_size: int = 1, local_loss: bool = True,
                     rank=rank, world_size=world_size)
 
 
-def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, captions: Optional[list] = None,
                       ks: tuple = (1, 5, 10)) -> dict[str, torch.Tensor]:
-    """Exact in-batch retrieval: per-query hits for image->text and text->image recall@k, and matching cosines.
+    """Exact in-batch retrieval: per-query hit@k for image->text and text->image, and the matching cosines.
 
-    A query's rank is the number of candidates scoring strictly higher than its own pair, so ties count in its
-    favour only when they are exact.
+    A query is a hit at k when a relevant candidate is among its k best. Relevant = its own pair, or, when
+    ``captions`` are given, any pair with the identical caption (sets like shapes repeat captions, and such
+    pairs are indistinguishable). A query's rank is the number of irrelevant candidates scoring strictly higher
+    than its best relevant one.
     """
     sim = image_features.float() @ text_features.float().T
-    own = sim.diagonal()
-    rank_i2t = (sim > own[:, None]).sum(1)
-    rank_t2i = (sim.T > own[:, None]).sum(1)
-    out = {"pos_cosine": own}
+    n = sim.shape[0]
+    if captions is None:
+        relevant = torch.eye(n, dtype=torch.bool, device=sim.device)
+    else:
+        ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+        cid = torch.tensor([ids[c] for c in captions], device=sim.device)
+        relevant = cid[:, None] == cid[None, :]
+
+    def ranks(scores: torch.Tensor) -> torch.Tensor:
+        best = scores.masked_fill(~relevant, float("-inf")).amax(1, keepdim=True)
+        return ((scores > best) & ~relevant).sum(1)
+
+    rank_i2t, rank_t2i = ranks(sim), ranks(sim.T)
+    out = {"pos_cosine": sim.diagonal()}
     for k in ks:
         out[f"i2t_R@{k}"] = (rank_i2t < k).float()
         out[f"t2i_R@{k}"] = (rank_t2i < k).float()
@@ -205,7 +217,7 @@ class ClipModule(pl.LightningModule):
         bs = images.shape[0]
         loss = symmetric_infonce(image_features.float(), text_features.float(), scale.float())
         self.log(f"{prefix}/loss", loss, sync_dist=True, batch_size=bs)
-        for name, values in retrieval_metrics(image_features, text_features).items():
+        for name, values in retrieval_metrics(image_features, text_features, list(captions)).items():
             self.log(f"{prefix}/{name}", values.mean(), sync_dist=True, batch_size=bs, prog_bar=name == "t2i_R@1")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

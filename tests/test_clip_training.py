@@ -73,6 +73,10 @@ def test_retrieval_metrics_exact():
     m = retrieval_metrics(img, txt, ks=(1, 2))
     assert m["i2t_R@1"].tolist() == [1, 1, 0, 0] and m["t2i_R@1"].tolist() == [1, 1, 0, 0]
     assert m["i2t_R@2"].tolist() == [1, 1, 1, 1] and m["pos_cosine"].tolist() == [1, 1, 0, 0]
+    # identical captions are interchangeable: retrieving the twin counts
+    same = retrieval_metrics(img, txt, captions=["a", "b", "c", "c"], ks=(1,))
+    assert same["i2t_R@1"].tolist() == [1, 1, 1, 1] and same["t2i_R@1"].tolist() == [1, 1, 1, 1]
+    assert retrieval_metrics(img, txt, captions=["a", "b", "c", "d"], ks=(1,))["t2i_R@1"].tolist() == [1, 1, 0, 0]
 
 
 def test_finetuning_starts_from_saved_weights(tmp_path):
@@ -156,3 +160,19 @@ def test_reconstruction_replaces_the_configured_fraction(tmp_path):
     assert torch.equal(module.reconstruct(images, 1.0), images * 0.5)
     assert torch.equal(module.reconstruct(images, 0.0), images)
     assert "_reconstructor" not in dict(module.named_children())
+
+
+@pytest.mark.filterwarnings("ignore:.*self.log.*")
+def test_reconstructions_from_a_saved_vqgan_folder(tmp_path):
+    vqgan = pytest.importorskip("vqgan")
+    torch.manual_seed(0)
+    vq = vqgan.VQGAN(vqgan.VQGANConfig(resolution=32, ch=8, ch_mult=[1, 2], z_channels=8, embed_dim=8,
+                                       num_codes=16, norm_groups=4, mid_attention=False))
+    vq.save_pretrained(str(tmp_path / "vq"))
+    module = ClipModule(tiny_cfg(str(tmp_path), [f"model.reconstruct_with={tmp_path}/vq"]))
+    batch = square_batch(4)
+    with torch.no_grad():
+        expected = vq.eval().decode(vq.encode(batch["image"])).clamp(-1, 1)
+    torch.testing.assert_close(module.reconstruct(batch["image"], 1.0), expected)
+    assert all(not n.startswith("_reconstructor") for n in module.state_dict())
+    module.validation_step(batch, 0)  # originals and reconstructions both evaluate
