@@ -18,8 +18,10 @@ from torch import nn
 from transformers import BartConfig
 from transformers.models.bart.modeling_bart import BartDecoder, BartEncoder
 
+from launch.config import ConfigError
 
-class PriorConfigError(ValueError):
+
+class PriorConfigError(ConfigError):
     """An impossible model configuration or an unusable pretrained encoder folder."""
 
 

@@ -80,6 +80,10 @@ class _CachedDecoder:
             v = self._split(att.v_proj(encoder_hidden)).index_select(0, row_source)
             self.cross.append((k, v))
         self.cross_mask = encoder_mask.bool().index_select(0, row_source)[:, None, None, :]
+        # q, k and v of the new token in one matmul
+        self.qkv = [(torch.cat([l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight]),
+                     torch.cat([l.self_attn.q_proj.bias, l.self_attn.k_proj.bias, l.self_attn.v_proj.bias]))
+                    for l in self.layers]
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], x.shape[1], self.heads, self.hd).transpose(1, 2)
@@ -92,9 +96,10 @@ class _CachedDecoder:
         n = x.shape[0]
         for i, layer in enumerate(self.layers):
             sa = layer.self_attn
-            self.k_cache[i][:, :, pos] = self._split(sa.k_proj(x))[:, :, 0]
-            self.v_cache[i][:, :, pos] = self._split(sa.v_proj(x))[:, :, 0]
-            q = self._split(sa.q_proj(x))
+            qkv = F.linear(x, *self.qkv[i]).view(n, 3 * self.heads, 1, self.hd)  # one position: no transpose
+            q, k, v = qkv.split(self.heads, dim=1)
+            self.k_cache[i][:, :, pos] = k[:, :, 0]
+            self.v_cache[i][:, :, pos] = v[:, :, 0]
             # one query against the cache: two batched matmuls beat SDPA's kernel on CPU for this shape
             scores = (q @ self.k_cache[i][:, :, : pos + 1].transpose(-1, -2)) * self.scale
             a = torch.softmax(scores, dim=-1) @ self.v_cache[i][:, :, : pos + 1]

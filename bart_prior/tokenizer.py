@@ -13,10 +13,12 @@ import shutil
 import sys
 from typing import Iterable, Iterator
 
+from launch.config import ConfigError
+
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ConfigError):
     """A tokenizer that cannot be used: missing folder, or fewer tokens than the model expects."""
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -68,6 +69,8 @@ def build_prior(cfg: DictConfig) -> BartPrior:
     """The prior a run starts from: ``init_from`` weights, else a fresh one (optionally a pretrained encoder)."""
     tok = load_tokenizer(cfg.tokenizer.path, min_vocab=cfg.tokenizer.min_vocab) if cfg.tokenizer.path else None
     if cfg.init_from:
+        if not os.path.isdir(cfg.init_from):
+            raise ConfigError(f"init_from: no folder {cfg.init_from} (a BartPrior export, e.g. runs/NAME/export)")
         prior = BartPrior.from_pretrained(cfg.init_from)
         mc = prior.config
         if mc.codebook_size != cfg.model.codebook_size or list(mc.grid) != list(cfg.model.grid):

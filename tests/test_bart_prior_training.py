@@ -7,6 +7,8 @@ import torch
 
 from bart_prior import BartPrior
 from bart_prior.shards import CodeShardMismatch, check_code_shards
+from bart_prior.training import PriorRunConfig, build_prior
+from launch.config import ConfigError, load_config
 from launch.train import run_training
 
 from _bart_prior_helpers import make_tokenizer, write_code_shards
@@ -55,6 +57,12 @@ def test_training_reduces_loss_and_exports(setup):
     prior = BartPrior.from_pretrained(result.export_dir)
     codes = prior.generate(["a red circle"], num_candidates=2, seed=0)
     assert codes.shape == (1, 2, 16) and int(codes.max()) < 64
+    # init_from starts a new run from the export; a missing folder is a config error
+    cfg = load_config(PriorRunConfig, CONFIG, overrides + [f"init_from={result.export_dir}"])
+    again = build_prior(cfg)
+    assert torch.equal(again.model.lm_head.weight, prior.model.lm_head.weight)
+    with pytest.raises(ConfigError, match="init_from"):
+        build_prior(load_config(PriorRunConfig, CONFIG, overrides + [f"init_from={root}/nope"]))
 
 
 def test_mismatched_code_shards_fail_at_start(setup, tmp_path):
