@@ -34,7 +34,8 @@ def _metrics(run_root: str) -> list[dict]:
 def _tiny_vqgan(folder: str) -> str:
     from vqgan import VQGAN, preset
 
-    VQGAN(preset("tiny", resolution=8, num_codes=64)).save_pretrained(folder)  # 8 px, f2: a 4x4 code grid
+    factor = preset("tiny").downsample_factor
+    VQGAN(preset("tiny", resolution=4 * factor, num_codes=64)).save_pretrained(folder)  # a 4x4 code grid
     return folder
 
 
