@@ -31,6 +31,16 @@ def _rss() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _trim() -> None:
+    """Hand freed heap memory back to the OS, so RSS growth counts this call's allocations, not reuse."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, float, object]:
     """(seconds, peak extra memory in MiB, result)."""
     if device.type == "cuda":
@@ -41,6 +51,7 @@ def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, floa
         out = fn()
         torch.cuda.synchronize()
         return time.perf_counter() - t0, (torch.cuda.max_memory_allocated() - base) / 2**20, out
+    _trim()
     base, peak, stop = _rss(), [0], threading.Event()
 
     def poll() -> None:
