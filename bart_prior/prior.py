@@ -28,7 +28,8 @@ class BartPrior(torch.nn.Module):
         if config.text_vocab_size is None:
             config.text_vocab_size = len(tokenizer)
         if len(tokenizer) > config.text_vocab_size:
-            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the text encoder only {config.text_vocab_size}")
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the text encoder only "
+                             f"{config.text_vocab_size}")
         self.config, self.tokenizer = config, tokenizer
         self.model = model if model is not None else PriorModel(config)
 

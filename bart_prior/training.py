@@ -96,6 +96,7 @@ class PriorModule(ShardedModule):
         self._validations = 0
         self._checked = {"train": False, "val": False}
         self._val_prompts: list[str] = []
+        self._val_sum, self._val_count = torch.zeros(()), 0
 
     @property
     def model(self):
@@ -140,7 +141,7 @@ class PriorModule(ShardedModule):
         logits = self.model(ids, mask, self.model.decoder_inputs(target))
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1))
         acc = (logits.argmax(-1) == target).float().mean()
-        return loss, acc, target.numel()
+        return loss, acc
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         captions = list(batch["caption"])
@@ -148,7 +149,7 @@ class PriorModule(ShardedModule):
         if p > 0:
             drop = (torch.rand(len(captions)) < p).tolist()
             captions = ["" if d else c for c, d in zip(captions, drop)]
-        loss, acc, ntok = self._loss(batch, "train", captions)
+        loss, acc = self._loss(batch, "train", captions)
         bs = len(captions)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/perplexity", torch.exp(loss.detach()), batch_size=bs)
@@ -166,16 +167,23 @@ class PriorModule(ShardedModule):
         captions = list(batch["caption"])
         if len(self._val_prompts) < self.cfg.train.sample_num_prompts:
             self._val_prompts += captions[: self.cfg.train.sample_num_prompts - len(self._val_prompts)]
-        loss, acc, _ = self._loss(batch, "val", captions)
+        loss, acc = self._loss(batch, "val", captions)
         bs = len(captions)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
-        self.log("val/perplexity", torch.exp(loss), sync_dist=True, batch_size=bs)
         self.log("val/token_accuracy", acc, sync_dist=True, batch_size=bs)
+        self._val_sum += loss.detach().float() * bs
+        self._val_count += bs
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum, self._val_count = torch.zeros((), device=self.device), 0
 
     def on_validation_epoch_end(self) -> None:
+        if self._val_count:  # exp of the mean loss, not the mean of per-batch perplexities
+            self.log("val/perplexity", torch.exp(self._val_sum / self._val_count), sync_dist=True)
         self._validations += 1
         n = self.cfg.train.sample_every_n_validations
-        if n > 0 and self._validations % n == 0 and self.cfg.model.vqgan_for_samples and not self.trainer.sanity_checking:
+        due = n > 0 and self._validations % n == 0 and not self.trainer.sanity_checking
+        if due and self.cfg.model.vqgan_for_samples:
             self.log_samples()
 
     def log_samples(self) -> Optional[str]:

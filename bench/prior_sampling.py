@@ -91,7 +91,8 @@ def hf_generate(prior: BartPrior, prompt: str, n: int, scale: float, top_k: int,
 
     class UnconditionalPass(LogitsProcessor):
         def __init__(self) -> None:
-            self.cache = EncoderDecoderCache(DynamicCache(config=m.decoder.config), DynamicCache(config=m.decoder.config))
+            dc = m.decoder.config
+            self.cache = EncoderDecoderCache(DynamicCache(config=dc), DynamicCache(config=dc))
             self.enc = None
 
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
