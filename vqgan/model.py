@@ -74,7 +74,7 @@ _TAMING_QUANT = dict(codebook_dim=None, l2_norm_codes=False, ema=False, restart_
 
 PRESETS: dict[str, dict[str, Any]] = {
     # unit tests: a few thousand parameters, 32 px, 8x8 tokens
-    "tiny": dict(resolution=32, ch=8, ch_mult=[1, 2], num_res_blocks=1, z_channels=8, embed_dim=8, norm_groups=4,
+    "tiny": dict(resolution=32, ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=8, embed_dim=8, norm_groups=4,
                  num_codes=64, codebook_dim=4, mid_attention=False, restart_every=20),
     # the CPU demo on 64 px flat-colour shapes: 16x16 tokens, narrow, no attention
     "shapes": dict(resolution=64, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=32, embed_dim=32,

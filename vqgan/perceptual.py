@@ -52,9 +52,9 @@ def _load_vgg_features(net: nn.Module, path: str) -> None:
 
 def build_lpips(backbone: Optional[str]) -> nn.Module:
     """An ``lpips.LPIPS`` VGG model, frozen, in eval mode. Raises :class:`LPIPSWeightsMissing` when absent."""
+    path = resolve_backbone(backbone)  # fail before the slow import and VGG construction
     import lpips
 
-    path = resolve_backbone(backbone)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # lpips' prints, tv deprecations
         warnings.simplefilter("ignore")
         model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)

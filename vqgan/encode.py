@@ -1,0 +1,143 @@
+"""Encode image shards into code shards with a trained VQGAN.
+
+    python -m vqgan.encode --model DIR --input 'shards/train/*.tar' --output codes/train [--devices N] [--batch-size B]
+
+Every input shard i becomes one output shard ``rankRR-iiiiii.tar`` holding ``KEY.codes.npy`` (uint16 h×w) and
+``KEY.txt`` (the caption) for the same keys. Input shards are dealt round-robin to the ranks (``--devices`` local
+processes, or the ranks of an external launcher via RANK/WORLD_SIZE). Shards are written atomically; a rerun skips
+input shards whose output exists, whichever rank wrote it.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import os
+import sys
+import tarfile
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from vqgan.model import VQGAN
+
+
+class EncodeError(ValueError):
+    pass
+
+
+def output_name(rank: int, shard_index: int) -> str:
+    return f"rank{rank:02d}-{shard_index:06d}.tar"
+
+
+def done_shards(out_dir: str) -> set[int]:
+    return {int(os.path.basename(p)[-10:-4]) for p in glob.glob(os.path.join(out_dir, "rank*-??????.tar"))}
+
+
+def codes_to_npy(codes: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, codes.astype(np.uint16), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _batches(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
+    batch: list[dict] = []
+    for s in samples:
+        batch.append(s)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def encode_shard(model: VQGAN, shard: str, out_dir: str, rank: int, index: int, batch_size: int,
+                 device: torch.device, progress=None) -> int:
+    """Encode one input shard into ``out_dir/rankRR-index.tar``; returns the number of samples written."""
+    from data import ShardWriter, iter_samples
+
+    n = 0
+    size = model.config.resolution
+    with ShardWriter(out_dir, prefix=f"rank{rank:02d}-", shard_size=10 ** 9, start_index=index) as writer:
+        for batch in _batches(iter_samples(shard, mode="images", image_size=size), batch_size):
+            images = torch.stack([s["image"] for s in batch]).to(device)
+            codes = model.encode(images).cpu().numpy()
+            for s, c in zip(batch, codes):
+                writer.write({"__key__": s["key"], "codes.npy": codes_to_npy(c), "txt": s["caption"]})
+            n += len(batch)
+            if progress is not None:
+                progress.update(len(batch))
+    if n == 0:  # an empty input shard still gets its (empty) output shard, so reruns skip it
+        path = os.path.join(out_dir, output_name(rank, index))
+        tarfile.open(path + ".tmp", "w").close()
+        os.replace(path + ".tmp", path)
+    return n
+
+
+def run_rank(rank: int, world: int, model_dir: str, shards: list[str], out_dir: str, batch_size: int) -> int:
+    from tqdm import tqdm
+
+    from data import count_samples
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    model = VQGAN.from_pretrained(model_dir).to(device).eval()
+    if model.config.num_codes > 65536:
+        raise EncodeError(f"{model.config.num_codes} codes do not fit the uint16 code shards")
+    done = done_shards(out_dir)
+    mine = [(i, s) for i, s in enumerate(shards) if i % world == rank and i not in done]
+    local = [s for _, s in mine if "://" not in s and not s.startswith("pipe:")]
+    total = count_samples(local) if len(local) == len(mine) else None
+    written = 0
+    with tqdm(total=total, desc=f"encode rank {rank}", unit="img", position=rank, disable=None) as bar:
+        for i, shard in mine:
+            written += encode_shard(model, shard, out_dir, rank, i, batch_size, device, bar)
+    return written
+
+
+def _spawned(rank: int, world: int, *args) -> None:
+    run_rank(rank, world, *args)
+
+
+def encode(model_dir: str, pattern: str, out_dir: str, devices: int = 1, batch_size: int = 64) -> list[str]:
+    """Encode all shards of ``pattern``; returns the output shard paths (sorted)."""
+    from data import expand_pattern
+
+    if devices < 1 or batch_size < 1:
+        raise EncodeError("--devices and --batch-size must be >= 1")
+    shards = expand_pattern(pattern)
+    os.makedirs(out_dir, exist_ok=True)
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # torchrun / srun: one rank per process
+        run_rank(int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"]), model_dir, shards, out_dir, batch_size)
+    elif devices == 1:
+        run_rank(0, 1, model_dir, shards, out_dir, batch_size)
+    else:
+        import torch.multiprocessing as mp
+
+        mp.spawn(_spawned, args=(devices, model_dir, shards, out_dir, batch_size), nprocs=devices, join=True)
+    return sorted(glob.glob(os.path.join(out_dir, "rank*-??????.tar")))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vqgan.encode", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="a VQGAN save_pretrained folder (e.g. runs/NAME/export)")
+    ap.add_argument("--input", required=True, help="image shard pattern, e.g. 'data/shapes/train/*.tar'")
+    ap.add_argument("--output", required=True, help="folder for the code shards")
+    ap.add_argument("--devices", type=int, default=1, help="local worker processes (one per GPU)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args(argv)
+    try:
+        out = encode(args.model, args.input, args.output, args.devices, args.batch_size)
+    except (EncodeError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(out)} code shards in {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
