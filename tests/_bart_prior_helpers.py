@@ -15,7 +15,7 @@ def caption(i: int) -> str:
     return f"a {COLORS[i % 4]} {SHAPES[(i // 4) % 3]}"
 
 
-def write_code_shards(folder: str, n: int, grid=(4, 4), codebook_size: int = 64, seed: int = 0,
+def write_code_shards(folder: str, n: int, grid=(8, 8), codebook_size: int = 64, seed: int = 0,
                       per_shard: int = 64) -> str:
     """Codes that depend on the caption (plus 20% noise), so a prior can learn them; returns a glob pattern."""
     os.makedirs(folder, exist_ok=True)
