@@ -2,7 +2,8 @@
 
 One decoder batch holds every candidate twice: conditional rows first, then unconditional (empty caption) rows, so
 super-conditioning costs one pass per step instead of two. Cross-attention keys/values are constant during decoding,
-so they are projected once per distinct caption (the empty caption once for everything) and gathered per row.
+so they are projected once per distinct caption (the empty caption once for everything) and shared, not copied, by
+the rows of that caption.
 Each candidate draws its uniforms from its own generator, seeded from (seed, prompt index, candidate index), and
 picks a code by inverse CDF: the result does not depend on how candidates are batched.
 """
@@ -72,21 +73,33 @@ class _CachedDecoder:
         ref = encoder_hidden
         self.k_cache = [ref.new_empty(n, self.heads, length, self.hd) for _ in self.layers]
         self.v_cache = [ref.new_empty(n, self.heads, length, self.hd) for _ in self.layers]
-        # constant cross-attention K/V: projected once per distinct caption, then gathered for the rows
-        self.cross = []
-        for layer in self.layers:
-            att = layer.encoder_attn
-            k = self._split(att.k_proj(encoder_hidden)).index_select(0, row_source)
-            v = self._split(att.v_proj(encoder_hidden)).index_select(0, row_source)
-            self.cross.append((k, v))
-        self.cross_mask = encoder_mask.bool().index_select(0, row_source)[:, None, None, :]
+        # Constant cross-attention K/V, projected once per distinct caption and never copied per row: rows of the
+        # same caption are contiguous runs, and each run attends with one (heads, rows, hd) x (heads, hd, T) matmul.
+        self.cross = [(self._heads_first(layer.encoder_attn.k_proj(encoder_hidden)),
+                       self._heads_first(layer.encoder_attn.v_proj(encoder_hidden))) for layer in self.layers]
+        bias = torch.zeros(encoder_mask.shape, dtype=encoder_hidden.dtype, device=encoder_hidden.device)
+        self.cross_bias = bias.masked_fill(encoder_mask == 0, float("-inf"))[:, None, None, :]  # (S, 1, 1, T)
+        src, counts = torch.unique_consecutive(row_source, return_counts=True)
+        ends = counts.cumsum(0).tolist()
+        self.runs = [(e - c, e, s) for s, c, e in zip(src.tolist(), counts.tolist(), ends)]
         # q, k and v of the new token in one matmul
         self.qkv = [(torch.cat([l.self_attn.q_proj.weight, l.self_attn.k_proj.weight, l.self_attn.v_proj.weight]),
                      torch.cat([l.self_attn.q_proj.bias, l.self_attn.k_proj.bias, l.self_attn.v_proj.bias]))
                     for l in self.layers]
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
+    def _heads_first(self, x: torch.Tensor) -> torch.Tensor:
+        """(S, T, d) -> (S, heads, T, hd)."""
         return x.view(x.shape[0], x.shape[1], self.heads, self.hd).transpose(1, 2)
+
+    def _cross_attention(self, i: int, q: torch.Tensor) -> torch.Tensor:
+        """(N, heads, hd) queries -> (N, heads, hd), each run of rows against its own caption's K/V."""
+        k, v = self.cross[i]
+        out = []
+        for lo, hi, src in self.runs:
+            qs = q[lo:hi].transpose(0, 1)  # (heads, rows, hd)
+            scores = (qs @ k[src].transpose(-1, -2)) * self.scale + self.cross_bias[src, 0]
+            out.append((torch.softmax(scores, dim=-1) @ v[src]).transpose(0, 1))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """(N,) tokens at position ``pos`` -> (N, K) logits for position ``pos``."""
@@ -105,9 +118,8 @@ class _CachedDecoder:
             a = torch.softmax(scores, dim=-1) @ self.v_cache[i][:, :, : pos + 1]
             x = layer.self_attn_layer_norm(x + sa.out_proj(a.transpose(1, 2).reshape(n, 1, -1)))
             ca = layer.encoder_attn
-            k, v = self.cross[i]
-            a = F.scaled_dot_product_attention(self._split(ca.q_proj(x)), k, v, attn_mask=self.cross_mask)
-            x = layer.encoder_attn_layer_norm(x + ca.out_proj(a.transpose(1, 2).reshape(n, 1, -1)))
+            a = self._cross_attention(i, ca.q_proj(x).view(n, self.heads, self.hd))
+            x = layer.encoder_attn_layer_norm(x + ca.out_proj(a.reshape(n, 1, -1)))
             h = layer.fc2(layer.activation_fn(layer.fc1(x)))
             x = layer.final_layer_norm(x + h)
         return self.model.code_logits(x[:, 0])
