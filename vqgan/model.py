@@ -109,6 +109,19 @@ class VQGAN(nn.Module):
         self.quant_conv = nn.Conv2d(c.z_channels, c.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(c.embed_dim, c.z_channels, 1)
 
+    @property
+    def codebook_size(self) -> int:
+        return self.config.num_codes
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(h, w) of the code grid of one image."""
+        return (self.config.token_grid, self.config.token_grid)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.resolution
+
     def _check_images(self, images: torch.Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != self.config.in_channels:
             raise ValueError(f"expected images (B, {self.config.in_channels}, H, W), got {tuple(images.shape)}")
