@@ -40,7 +40,7 @@ def check_fit(vqgan: Any, prior: Any, ranker: Any = None) -> None:
 
 
 def load_parts(bundle: Optional[str], vqgan: Optional[str] = None, prior: Optional[str] = None,
-               clip: Optional[str] = None, need_clip: bool = False):
+               clip: Optional[str] = None, need_clip: bool = False, device: str = "cpu"):
     """Load (vqgan, prior, ranker); the ranker is None when the bundle has none and none is asked for."""
     from bart_prior import BartPrior
     from clip_rank import ClipRanker
@@ -52,7 +52,7 @@ def load_parts(bundle: Optional[str], vqgan: Optional[str] = None, prior: Option
     clip_dir = clip or (os.path.join(bundle, "clip_rank") if bundle else None)
     if clip_dir is None or (not need_clip and clip is None and not os.path.isdir(clip_dir)):
         return v, p, None
-    return v, p, ClipRanker.from_pretrained(_part_dir(None, "clip_rank", clip_dir))
+    return v, p, ClipRanker.from_pretrained(_part_dir(None, "clip_rank", clip_dir), device=device)
 
 
 def assemble_bundle(vqgan: str, prior: str, clip: str, out: str) -> str:

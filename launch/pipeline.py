@@ -36,13 +36,14 @@ class Pipeline:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.vqgan = vqgan.to(self.device).eval()
         self.prior = prior.to(self.device).eval()
-        self.ranker = ranker.to(self.device) if ranker is not None else None
+        self.ranker = ranker  # a ClipRanker is placed on its device when loaded
 
     @classmethod
     def from_pretrained(cls, bundle: Optional[str] = None, vqgan: Optional[str] = None, prior: Optional[str] = None,
                         clip: Optional[str] = None, device: Optional[str] = None) -> "Pipeline":
         """Load a bundle; ``vqgan``/``prior``/``clip`` folders override (or replace) its parts."""
-        v, p, c = load_parts(bundle, vqgan=vqgan, prior=prior, clip=clip)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        v, p, c = load_parts(bundle, vqgan=vqgan, prior=prior, clip=clip, device=device)
         return cls(v, p, c, device=device)
 
     @torch.inference_mode()
