@@ -5,6 +5,7 @@ import io
 import os
 
 import numpy as np
+import pytest
 import webdataset as wds
 
 COLORS = ["red", "green", "blue", "yellow"]
@@ -48,3 +49,15 @@ def tiny_prior(tokenizer, codebook_size: int = 64, grid=(4, 4), seed: int = 0):
     torch.manual_seed(seed)
     return BartPrior(preset("tiny", codebook_size=codebook_size, grid=list(grid), max_text_length=20),
                      tokenizer).eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine spinning OpenMP workers
+    made these tests several times slower; import this fixture into a test module to use it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,7 +8,7 @@ import torch
 from bart_prior import BartPrior, PriorConfigError, PriorModel, preset
 from bart_prior.model import resolve_text_encoder
 
-from _bart_prior_helpers import make_tokenizer, tiny_prior
+from _bart_prior_helpers import make_tokenizer, tiny_prior, one_thread  # noqa: F401 (autouse)
 
 
 @pytest.fixture(scope="module")

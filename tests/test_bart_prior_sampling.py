@@ -4,7 +4,7 @@ import torch
 
 from bart_prior.sampling import SamplingOptions, candidate_seed, candidate_uniforms, sample_codes
 
-from _bart_prior_helpers import make_tokenizer, tiny_prior
+from _bart_prior_helpers import make_tokenizer, tiny_prior, one_thread  # noqa: F401 (autouse)
 
 PROMPTS = ["a red circle", "a blue square", "a purple hexagon"]
 

@@ -3,7 +3,7 @@ import pytest
 
 from bart_prior.tokenizer import TokenizerError, load_tokenizer, main
 
-from _bart_prior_helpers import write_code_shards
+from _bart_prior_helpers import write_code_shards, one_thread  # noqa: F401 (autouse)
 
 
 def test_train_cli_round_trip(tmp_path, capsys):

@@ -12,7 +12,7 @@ from bart_prior.training import PriorRunConfig, build_prior
 from launch.config import ConfigError, load_config
 from launch.train import run_training
 
-from _bart_prior_helpers import make_tokenizer, write_code_shards
+from _bart_prior_helpers import make_tokenizer, write_code_shards, one_thread  # noqa: F401 (autouse)
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs/bart_prior/tiny.yaml")
 
