@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from _clip_helpers import square_batch, tiny_cfg
+from _clip_helpers import TINY_YAML, square_batch, tiny_cfg
 from clip_rank.io import PretrainedNotFoundError
 from clip_rank.training import COMPONENT, ClipModule, param_groups, retrieval_metrics, warmup_cosine
 from launch.config import ConfigError, load_config
@@ -176,3 +176,30 @@ def test_reconstructions_from_a_saved_vqgan_folder(tmp_path):
     torch.testing.assert_close(module.reconstruct(batch["image"], 1.0), expected)
     assert all(not n.startswith("_reconstructor") for n in module.state_dict())
     module.validation_step(batch, 0)  # originals and reconstructions both evaluate
+
+
+def test_train_command_end_to_end_exports_an_open_clip_folder(tmp_path):
+    """`python train.py clip --config configs/clip_rank/tiny.yaml` on real shards, through the shared launcher."""
+    import io
+
+    import open_clip
+    from PIL import Image
+
+    from data import ShardWriter
+    from launch.train import run_training
+
+    batch = square_batch(32)
+    for split, keys in (("train", range(24)), ("val", range(24, 32))):
+        with ShardWriter(str(tmp_path / split), shard_size=8) as writer:
+            for i in keys:
+                buf = io.BytesIO()
+                pixels = ((batch["image"][i].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+                Image.fromarray(pixels).save(buf, format="PNG")
+                writer.write({"__key__": f"k{i:03d}", "txt": batch["caption"][i], "png": buf.getvalue()})
+    result = run_training("clip", TINY_YAML, [
+        f"runs_dir={tmp_path}/runs", f"data.train={tmp_path}/train/*.tar", f"data.val={tmp_path}/val/*.tar",
+        "data.batch_size=8", "data.num_workers=0", "data.resampled=true", "trainer.max_steps=6",
+        "trainer.val_check_interval=6", "trainer.progress_bar=false", "trainer.limit_val_batches=1"])
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{result.export_dir}")
+    assert model.visual.image_size == (32, 32)
+    assert "val/t2i_R@1" in result.trainer.callback_metrics
