@@ -193,12 +193,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads; 1 by default: on a shared machine spinning OpenMP workers distort timings")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
     prior = build_prior(args).to(device).eval()
     c = prior.config
     prompt = "a small red circle on the left"
