@@ -92,9 +92,9 @@ class ClipRanker:
         prompts = list(prompts)
         if len(prompts) not in (1, img.shape[0]):
             raise ValueError(f"got {len(prompts)} prompts for {img.shape[0]} images; give one, or one per image")
-        unique = list(dict.fromkeys(prompts))  # each distinct prompt is encoded once
-        txt = self.text_features(unique)
-        index = torch.tensor([unique.index(p) for p in prompts], device=txt.device)
+        slot = {p: i for i, p in enumerate(dict.fromkeys(prompts))}  # each distinct prompt is encoded once
+        txt = self.text_features(list(slot))
+        index = torch.tensor([slot[p] for p in prompts], device=txt.device)
         txt = txt[index].expand(img.shape[0], -1) if len(prompts) == 1 else txt[index]
         return (img * txt).sum(-1).cpu()
 
