@@ -1,0 +1,103 @@
+"""generate.py, Pipeline and bundles on a tiny bundle made here (random weights: this tests plumbing, not quality)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from _bart_prior_helpers import make_tokenizer
+from launch.bundle import BundleError, assemble_bundle
+from launch.pipeline import Pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_parts(root, codebook_size=None):
+    from bart_prior import BartPrior
+    from bart_prior import preset as prior_preset
+    from clip_rank import build_clip, save_clip
+    from vqgan import VQGAN
+    from vqgan import preset as vq_preset
+
+    torch.manual_seed(0)
+    vq = VQGAN(vq_preset("tiny"))
+    vq.save_pretrained(os.path.join(root, "vqgan"))
+    prior = BartPrior(prior_preset("tiny", codebook_size=codebook_size or vq.codebook_size, grid=list(vq.grid),
+                                   max_text_length=20), make_tokenizer(os.path.join(root, "tok")))
+    prior.save_pretrained(os.path.join(root, "prior"))
+    arch = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "configs/clip_rank/tiny.yaml")).model.arch)
+    save_clip(build_clip(arch=arch, pretrained="scratch"), os.path.join(root, "clip"))
+    return {k: os.path.join(root, k) for k in ("vqgan", "prior", "clip")}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("bundle"))
+    parts = make_parts(root)
+    return assemble_bundle(parts["vqgan"], parts["prior"], parts["clip"], os.path.join(root, "bundle"))
+
+
+def test_bundle_layout(bundle):
+    for part in ("vqgan", "bart_prior", "clip_rank"):
+        assert os.listdir(os.path.join(bundle, part))
+    assert json.load(open(os.path.join(bundle, "bundle.json")))["parts"]
+
+
+def test_mismatched_part_is_refused(tmp_path, bundle):
+    parts = make_parts(str(tmp_path), codebook_size=32)  # the tiny VQGAN has 64 codes
+    with pytest.raises(BundleError, match="predicts 32 codes but the VQGAN has 64"):
+        assemble_bundle(parts["vqgan"], parts["prior"], parts["clip"], str(tmp_path / "b"))
+    assert not (tmp_path / "b").exists()
+    res = subprocess.run([sys.executable, "generate.py", "--bundle", bundle, "--prior", parts["prior"], "x",
+                          "--out", str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "predicts 32 codes" in res.stderr
+    res = subprocess.run([sys.executable, "generate.py", "--bundle", str(tmp_path / "nope"), "x", "--out",
+                          str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 2 and "vqgan folder not found" in res.stderr
+
+
+def test_cli_writes_grid_images_and_ranked_results(bundle, tmp_path):
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "generate.py", "--bundle", bundle, "a red circle", "ein grünes Quadrat ✓",
+                          "--candidates", "5", "--keep", "3", "--seed", "7", "--batch-size", "2", "--out", str(out)],
+                         cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (3 * 34 + 2, 2 * 34 + 2)  # 3 kept per row, 2 prompts, 32 px images, 2 px padding
+    results = json.load(open(out / "results.json"))["results"]
+    assert len(results) == 6
+    for prompt in ("a red circle", "ein grünes Quadrat ✓"):
+        rows = sorted((r for r in results if r["prompt"] == prompt), key=lambda r: r["rank"])
+        assert [r["rank"] for r in rows] == [0, 1, 2]
+        scores = [r["clip_score"] for r in rows]
+        assert scores == sorted(scores, reverse=True)
+        assert len({r["candidate"] for r in rows}) == 3 and all(0 <= r["candidate"] < 5 for r in rows)
+        for r in rows:
+            assert Image.open(out / r["file"]).size == (32, 32)
+
+
+def test_same_seed_same_images_and_batch_size_does_not_matter(bundle):
+    pipe = Pipeline.from_pretrained(bundle, device="cpu")
+    a = pipe("a blue square", num_candidates=4, keep=4, seed=3, batch_size=4, progress=False)[0]
+    b = pipe("a blue square", num_candidates=4, keep=4, seed=3, batch_size=1, progress=False)[0]
+    c = pipe("a blue square", num_candidates=4, keep=4, seed=4, batch_size=4, progress=False)[0]
+    assert [r.candidate for r in a] == [r.candidate for r in b]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x.image), np.asarray(y.image))
+        assert x.score == pytest.approx(y.score, abs=1e-5)
+    assert any(not np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, c))
+
+
+def test_no_rank_keeps_the_first_candidates(bundle):
+    pipe = Pipeline.from_pretrained(bundle, device="cpu")
+    kept = pipe(["", "a prompt far longer than the twenty tokens the tiny prior reads " * 3], num_candidates=3,
+                keep=2, rank=False, progress=False)
+    assert [[r.candidate for r in row] for row in kept] == [[0, 1], [0, 1]]
+    assert all(r.score is None for row in kept for r in row)
