@@ -107,3 +107,16 @@ def test_encoder_cli_writes_code_shards_the_data_module_reads(tmp_path, capsys):
     assert os.path.exists(shards[1])
     assert encode_main(["--model", str(tmp_path / "nope")] + args[2:]) == 2
     assert "save_pretrained" in capsys.readouterr().err
+
+
+def test_init_from_loads_weights_and_missing_folder_is_a_config_error(tmp_path):
+    from launch.config import ConfigError
+
+    torch.manual_seed(0)
+    src = VQGANModule(tiny_run_config(tmp_path)).vqgan
+    src.save_pretrained(str(tmp_path / "start"))
+    torch.manual_seed(1)
+    module = VQGANModule(tiny_run_config(tmp_path, f"init_from={tmp_path}/start"))
+    assert torch.equal(module.vqgan.decoder.conv_out.weight.contiguous(), src.decoder.conv_out.weight.contiguous())
+    with pytest.raises(ConfigError, match="init_from"):
+        VQGANModule(tiny_run_config(tmp_path, f"init_from={tmp_path}/absent"))

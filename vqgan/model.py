@@ -77,8 +77,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(resolution=32, ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=8, embed_dim=8, norm_groups=4,
                  num_codes=64, codebook_dim=4, mid_attention=False, restart_every=20),
     # the CPU demo on 64 px flat-colour shapes: 16x16 tokens, narrow, no attention
-    "shapes": dict(resolution=64, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=32, embed_dim=32,
-                   norm_groups=8, num_codes=512, codebook_dim=8, mid_attention=False),
+    "shapes": dict(resolution=64, ch=16, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=32, embed_dim=32,
+                   norm_groups=8, num_codes=512, codebook_dim=8, mid_attention=False, restart_every=50),
     # taming's ImageNet f16 architecture with 16384 codes (the checkpoint dalle-mini fine-tuned)
     "f16-16384": dict(resolution=256, ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16],
                       z_channels=256, embed_dim=256, num_codes=16384, norm_groups=32, **_TAMING_QUANT),

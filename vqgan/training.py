@@ -8,6 +8,7 @@ for manual optimisation, so the Trainer must be built with 1 — launch.trainer 
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -37,10 +38,17 @@ class OptimConfig:
 
 
 @dataclass
+class EvalConfig:
+    # score val reconstructions against their captions with the shapes oracle (data.oracle): val/oracle_*
+    shapes_oracle: bool = False
+
+
+@dataclass
 class VQGANRunConfig(RunConfig):
     model: VQGANConfig = field(default_factory=VQGANConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _step_uncounted(opt: Any) -> None:
@@ -71,7 +79,7 @@ class VQGANModule(pl.LightningModule):
         self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
         self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
         self.register_buffer("val_counts", torch.zeros(cfg.model.num_codes), persistent=False)
-        self._val_lpips: list[torch.Tensor] = []
+        self._oracle: Counter = Counter()
 
     def _init_from(self, folder: str) -> None:
         try:
@@ -154,7 +162,7 @@ class VQGANModule(pl.LightningModule):
     # ---- validation ---------------------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
         self.val_counts.zero_()
-        self._val_lpips = []
+        self._oracle = Counter()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = self._images(batch)
@@ -168,6 +176,12 @@ class VQGANModule(pl.LightningModule):
         self.log("val/rec", self.loss.pixel(x, xrec), sync_dist=True, batch_size=x.shape[0])
         if self.loss.perceptual is not None:
             self.log("val/lpips", self.loss.perceptual(x, xrec).mean(), sync_dist=True, batch_size=x.shape[0])
+        if self.cfg.get("eval", {}).get("shapes_oracle", False):
+            from data.oracle import score
+
+            for caption, image in zip(batch["caption"], xrec.cpu()):
+                self._oracle.update({k: int(v) for k, v in score(caption, image).items()})
+            self._oracle["n"] += x.shape[0]
         if batch_idx == 0:
             n = min(self.cfg.optim.val_grid_images, x.shape[0])
             log_image_grid(self, "val/reconstructions", torch.cat([x[:n], xrec[:n]]), nrow=n)
@@ -182,6 +196,11 @@ class VQGANModule(pl.LightningModule):
                       sync_dist=False)
         self.val_psnr.reset()
         self.val_ssim.reset()
+        if self._oracle["n"]:
+            keys = sorted(k for k in self._oracle if k != "n")
+            t = self.trainer.strategy.reduce(torch.tensor([float(self._oracle[k]) for k in keys + ["n"]],
+                                                          device=self.device), reduce_op="sum")
+            self.log_dict({f"val/oracle_{k}": t[i] / t[-1] for i, k in enumerate(keys)}, sync_dist=False)
 
     def export(self, out_dir: str) -> None:
         self.vqgan.save_pretrained(out_dir)
