@@ -93,3 +93,13 @@ def test_lr_schedule_shapes():
     assert lin(60) == pytest.approx(0.5) and lin(200) == pytest.approx(0.0)
     assert lr_factor(10, 110, "constant", 0.1)(100) == 1.0
     torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("prior_cfg,vqgan_cfg", [("tiny", "tiny"), ("shapes", "shapes"), ("shapes-f8", "shapes-f8")])
+def test_shipped_configs_fit_their_vqgan(repo_root, prior_cfg, vqgan_cfg):
+    from launch.train import resolve_config
+
+    prior = resolve_config("bart_prior", os.path.join(repo_root, f"configs/bart_prior/{prior_cfg}.yaml"))
+    vq = resolve_config("vqgan", os.path.join(repo_root, f"configs/vqgan/{vqgan_cfg}.yaml")).model
+    side = vq.resolution // 2 ** (len(vq.ch_mult) - 1)
+    assert prior.model.codebook_size == vq.num_codes and list(prior.model.grid) == [side, side]
