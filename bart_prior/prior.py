@@ -17,11 +17,6 @@ from bart_prior.model import PriorConfig, PriorModel
 from bart_prior.sampling import SamplingOptions, candidate_seed, candidate_uniforms, sample_codes
 from bart_prior.tokenizer import load_tokenizer
 
-# Guidance scale 1 (plain conditional sampling): with small models super-conditioning lowered the share of
-# correct images in the prototype (scale 3: 42% -> 10% all-attributes-correct), so it is opt-in.
-DEFAULT_CONDITION_SCALE = 1.0
-
-
 class BartPrior(torch.nn.Module):
     def __init__(self, config: PriorConfig, tokenizer, model: Optional[PriorModel] = None):
         super().__init__()
@@ -92,7 +87,7 @@ class BartPrior(torch.nn.Module):
     # ---- sampling
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], num_candidates: int = 1,
-                 condition_scale: float = DEFAULT_CONDITION_SCALE, temperature: float = 1.0,
+                 condition_scale: Optional[float] = None, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
                  batch_size: Optional[int] = None, use_cache: bool = True) -> torch.LongTensor:
         """Sample ``num_candidates`` code sequences per prompt -> LongTensor (len(prompts), num_candidates, h*w).
@@ -102,6 +97,8 @@ class BartPrior(torch.nn.Module):
         """
         if isinstance(prompts, str):
             prompts = [prompts]
+        if condition_scale is None:
+            condition_scale = self.config.condition_scale
         if num_candidates < 1 or not prompts:
             raise ValueError("generate needs at least one prompt and num_candidates >= 1")
         if top_p is not None and not 0 < top_p <= 1:

@@ -80,7 +80,8 @@ def stages(out: str, preset: Preset) -> list[tuple[str, Callable[[], bool], list
          [[py, "-m", "bart_prior.tokenizer", "train", "--input", f"{shapes}/train/*.tar",
            "--vocab-size", str(preset.vocab_size), "--out", tok]]),
         ("bart_prior", lambda: _exported(f"{out}/bart_prior"),
-         [train("bart_prior", "bart_prior", "bart_prior", code_data + [f"tokenizer.path={tok}"] + preset.prior)]),
+         [train("bart_prior", "bart_prior", "bart_prior", code_data + [f"tokenizer.path={tok}", f"model.vqgan_for_samples={vq_export}"]
+                 + preset.prior)]),
         ("clip", lambda: _exported(f"{out}/clip"),
          [train("clip", "clip_rank", "clip", img_data + [f"model.reconstruct_with={vq_export}"] + preset.clip)]),
         ("bundle", lambda: os.path.isdir(f"{out}/bundle"),

@@ -157,6 +157,17 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def set_default_scale(prior_dir: str, scale: float) -> None:
+    """Record the measured best condition scale as the bundle prior's default (generate.py uses it)."""
+    path = os.path.join(prior_dir, "config.json")
+    with open(path) as fh:
+        config = json.load(fh)
+    config["condition_scale"] = float(scale)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(config, fh, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, scales: Sequence[float],
                  timings: Optional[dict] = None, seed: int = 0) -> dict:
     """Evaluate the bundle in ``out/bundle``; write report.json, report.md and grid.png into ``out``."""
@@ -170,6 +181,7 @@ def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, sca
         sweep[str(scale)], details[str(scale)], grids[str(scale)] = generation_eval(pipe, prompts, candidates, scale,
                                                                                      seed=seed)
     best = max(scales, key=lambda s: (sweep[str(s)]["all"]["clip_best_all"], -s))
+    set_default_scale(os.path.join(out, "bundle", "bart_prior"), best)
     report = {"condition_scale": best, "candidates": candidates, "seed": seed, "sweep": sweep,
               "reconstruction": recon,
               "prior": _last_metrics(os.path.join(out, "bart_prior"), ["val/loss", "val/perplexity"]),
