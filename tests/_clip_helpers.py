@@ -45,3 +45,12 @@ def _schema():
     from clip_rank.training import ClipRunConfig
 
     return ClipRunConfig
+
+
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine two OpenMP threads stall each
+    other (a 1 s test took 25 s under load); the previous setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

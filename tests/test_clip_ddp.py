@@ -9,10 +9,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from _clip_helpers import square_batch, tiny_cfg
+from _clip_helpers import one_thread, square_batch, tiny_cfg
 
 WORLD = 2
 GLOBAL_BATCH = 8
+_single_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 def _free_port() -> int:

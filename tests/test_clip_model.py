@@ -10,9 +10,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from _clip_helpers import TINY_ARCH, square_batch
+from _clip_helpers import TINY_ARCH, one_thread, square_batch
 from clip_rank import CONFIG_NAME, WEIGHTS_NAME, ClipRanker, PretrainedNotFoundError, build_clip, load_clip, save_clip
 from launch.config import ConfigError
+
+
+_single_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from _clip_helpers import TINY_YAML, square_batch, tiny_cfg
+from _clip_helpers import TINY_YAML, one_thread, square_batch, tiny_cfg
 from clip_rank.io import PretrainedNotFoundError
 from clip_rank.training import COMPONENT, ClipModule, param_groups, retrieval_metrics, warmup_cosine
 from launch.config import ConfigError, load_config
+
+
+_single_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 def _backward(module: ClipModule) -> None:
