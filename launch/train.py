@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig
 
 from launch.components import get_component
@@ -41,6 +42,8 @@ def run_training(component: str, config_path: Optional[str], overrides: Sequence
     comp = get_component(component)
     cfg = resolve_config(component, config_path, overrides)
     run, ckpt = prepare_run(cfg)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
     pl.seed_everything(cfg.seed, workers=True)
     trainer = build_trainer(cfg, run)
     if trainer.is_global_zero:
