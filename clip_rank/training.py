@@ -14,6 +14,7 @@ from open_clip import ClipLoss
 from clip_rank.io import PretrainedNotFoundError, build_clip, resolve_pretrained, save_clip
 from clip_rank.model import ClipModel, symmetric_infonce
 from launch.components import Component
+from launch.sharding import ShardedModule
 from launch.config import ConfigError, RunConfig
 
 
@@ -137,7 +138,7 @@ def load_reconstructor(path: str) -> torch.nn.Module:
     return vq
 
 
-class ClipModule(pl.LightningModule):
+class ClipModule(ShardedModule):
     """Symmetric InfoNCE with a learned temperature over the global batch; retrieval metrics on validation."""
 
     def __init__(self, cfg: DictConfig) -> None:
@@ -164,6 +165,16 @@ class ClipModule(pl.LightningModule):
         # A list, so the frozen VQGAN is neither a submodule (not trained, not in checkpoints) nor an export part.
         self._reconstructor = [load_reconstructor(m.reconstruct_with)] if m.reconstruct_with else []
         self._loss: Optional[ClipLoss] = None
+
+    # ----- FSDP2: each residual block of both towers is a unit; the root keeps embeddings, projections, scale
+    def fsdp_root(self) -> torch.nn.Module:
+        return self.model
+
+    def fsdp_blocks(self) -> list[torch.nn.Module]:
+        clip = self.model.clip
+        towers = [getattr(clip.visual, "transformer", None), getattr(clip, "transformer", None),
+                  getattr(getattr(clip, "text", None), "transformer", None)]
+        return [block for tower in towers if tower is not None for block in getattr(tower, "resblocks", [])]
 
     # ----- pieces -----
     def clip_loss(self) -> ClipLoss:

@@ -24,11 +24,28 @@ def apply_fsdp2(root: nn.Module, blocks: Iterable[nn.Module], mesh, precision: s
         # bf16 compute and communication, fp32 gradient reduction; master weights stay fp32 in the optimizer.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     kwargs = {"mesh": mesh} if mp is None else {"mesh": mesh, "mp_policy": mp}
+    _scalars_to_vectors(root)
     for block in blocks:
         if activation_checkpointing:
             checkpoint(block)
         fully_shard(block, **kwargs)
     fully_shard(root, **kwargs)
+
+
+def _scalars_to_vectors(root: nn.Module) -> None:
+    """fully_shard cannot shard 0-d parameters (CLIP's logit_scale): make them shape (1,). ``match_shapes`` turns
+    them back when the gathered state dict is loaded into an unsharded model."""
+    for module in root.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.dim() == 0:
+                module._parameters[name] = nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad)
+
+
+def match_shapes(state: dict[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
+    """Reshape entries of ``state`` to ``target``'s shapes where only the shape (not the size) differs."""
+    shapes = {k: v.shape for k, v in target.state_dict().items()}
+    return {k: v.reshape(shapes[k]) if k in shapes and v.shape != shapes[k] and v.numel() == shapes[k].numel()
+            else v for k, v in state.items()}
 
 
 class ShardedModule(pl.LightningModule):

@@ -67,12 +67,12 @@ def export(module: pl.LightningModule, trainer: pl.Trainer, out_dir: str,
     from pytorch_lightning.strategies import ModelParallelStrategy
 
     if isinstance(trainer.strategy, ModelParallelStrategy):
-        from launch.sharding import full_state_dict
+        from launch.sharding import full_state_dict, match_shapes
 
         state = full_state_dict(module)
         if trainer.is_global_zero:
             plain = rebuild()
-            plain.load_state_dict(state)
+            plain.load_state_dict(match_shapes(state, plain))
             plain.export(out_dir)
     elif trainer.is_global_zero:
         module.export(out_dir)
