@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig
@@ -18,12 +18,17 @@ class Component:
     build: ``build(cfg) -> LightningModule``; the module must implement ``export(out_dir)`` writing its
         ``save_pretrained`` folder, and may implement ``fsdp_blocks()`` (modules to shard with FSDP2).
     data_mode: the data module mode the component reads ("images" or "codes").
+    manual_optimization: the module steps its optimizers itself, accumulating over
+        ``trainer.accumulate_grad_batches`` and clipping per optimizer (Lightning refuses both Trainer settings then).
+    fsdp_unsupported: why ``trainer.strategy: fsdp`` cannot work for this component (refused at start-up), if so.
     """
 
     name: str
     schema: type
     build: Callable[[DictConfig], pl.LightningModule]
     data_mode: str = "images"
+    manual_optimization: bool = False
+    fsdp_unsupported: Optional[str] = None
 
 
 # name -> "module:attribute" of a Component instance

@@ -86,14 +86,16 @@ def _summaries(per_prompt: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def generation_eval(pipe: Any, prompts: Sequence[tuple[str, bool]], candidates: int, scale: float, seed: int = 0,
-                    batch_size: int = 32) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
+                    batch_size: int = 64) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
     """Oracle scores of every candidate of every prompt at one condition scale."""
     score = _oracle()
+    texts = [p for p, _ in prompts]
+    # one call for all prompts: the sampler batches candidates of several prompts together
+    codes = pipe.prior.generate(texts, num_candidates=candidates, condition_scale=scale, seed=seed,
+                                batch_size=batch_size)
     per_prompt, images_by_prompt = [], {}
-    for prompt, held_out in prompts:
-        codes = pipe.prior.generate([prompt], num_candidates=candidates, condition_scale=scale, seed=seed,
-                                    batch_size=batch_size)[0]
-        images = pipe.decode(codes, batch_size)
+    for (prompt, held_out), prompt_codes in zip(prompts, codes):
+        images = pipe.decode(prompt_codes, batch_size)
         clip_scores = pipe.ranker.score([prompt] * len(images), images)
         u8 = to_uint8(images)
         per_prompt.append({"prompt": prompt, "held_out": held_out,

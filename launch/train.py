@@ -31,6 +31,8 @@ def resolve_config(component: str, config_path: Optional[str], overrides: Sequen
     cfg = load_config(comp.schema, config_path, overrides)
     if cfg.data.mode != comp.data_mode:
         raise ConfigError(f"{config_path}: data.mode is '{cfg.data.mode}' but {component} reads '{comp.data_mode}'")
+    if cfg.trainer.strategy == "fsdp" and comp.fsdp_unsupported:
+        raise ConfigError(f"trainer.strategy=fsdp is not supported for {component}: {comp.fsdp_unsupported}")
     return cfg
 
 
@@ -45,7 +47,7 @@ def run_training(component: str, config_path: Optional[str], overrides: Sequence
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     pl.seed_everything(cfg.seed, workers=True)
-    trainer = build_trainer(cfg, run)
+    trainer = build_trainer(cfg, run, manual_optimization=comp.manual_optimization)
     if trainer.is_global_zero:
         run.write_config(cfg)
         if ckpt:

@@ -75,7 +75,9 @@ def build_strategy(tc: DictConfig) -> Any:
     raise ConfigError(f"trainer.strategy must be auto, ddp or fsdp, got '{tc.strategy}'")
 
 
-def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None,
+                  manual_optimization: bool = False) -> pl.Trainer:
+    """``manual_optimization``: the module accumulates and clips itself, so the Trainer gets neither setting."""
     tc = cfg.trainer
     strategy = build_strategy(tc)
     checkpoint = ModelCheckpoint(
@@ -95,7 +97,8 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None) -
         precision=tc.precision, max_steps=tc.max_steps, max_epochs=-1, max_time=tc.max_time,
         val_check_interval=tc.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=tc.limit_val_batches, log_every_n_steps=tc.log_every_n_steps,
-        accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
+        accumulate_grad_batches=1 if manual_optimization else tc.accumulate_grad_batches,
+        gradient_clip_val=None if manual_optimization else tc.gradient_clip_val,
         num_sanity_val_steps=tc.num_sanity_val_steps, deterministic=tc.deterministic,
         enable_progress_bar=tc.progress_bar, default_root_dir=run.root, callbacks=cbs, logger=loggers,
         plugins=plugins, use_distributed_sampler=False,

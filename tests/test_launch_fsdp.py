@@ -37,3 +37,11 @@ def test_fsdp_trains_and_exports_consolidated(component, data, tmp_path):
         scores = ranker.score("a red circle", torch.zeros(3, 3, 32, 32))
         assert scores.shape == (3,) and torch.isfinite(scores).all()
     assert all(type(t) is torch.Tensor for t in weights.values())  # plain tensors, no DTensor shards
+
+
+def test_vqgan_refuses_fsdp_at_start_up(repo_root):
+    from launch.config import ConfigError
+    from launch.train import resolve_config
+
+    with pytest.raises(ConfigError, match="not supported for vqgan.*use trainer.strategy=ddp"):
+        resolve_config("vqgan", os.path.join(repo_root, "configs/vqgan/tiny.yaml"), ["trainer.strategy=fsdp"])

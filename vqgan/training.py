@@ -210,4 +210,8 @@ def build(cfg: DictConfig) -> VQGANModule:
     return VQGANModule(cfg)
 
 
-COMPONENT = Component(name="vqgan", schema=VQGANRunConfig, build=build, data_mode="images")
+COMPONENT = Component(
+    name="vqgan", schema=VQGANRunConfig, build=build, data_mode="images", manual_optimization=True,
+    fsdp_unsupported="the GAN steps two optimizers by hand and its discriminator uses BatchNorm, which sharding "
+    "does not cover; use trainer.strategy=ddp (VQGANs are small enough to replicate on every GPU: f16-16384 has "
+    "76M parameters)")
