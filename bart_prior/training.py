@@ -7,7 +7,6 @@ distribution that guided sampling subtracts.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -22,6 +21,7 @@ from bart_prior.shards import check_batch, check_code_shards
 from bart_prior.tokenizer import load_tokenizer
 from launch.components import Component
 from launch.config import ConfigError, RunConfig
+from launch.schedule import lr_factor
 from launch.sharding import ShardedModule
 
 log = logging.getLogger(__name__)
@@ -236,23 +236,6 @@ class PriorModule(ShardedModule):
 
     def fsdp_blocks(self) -> list[torch.nn.Module]:
         return [*self.model.encoder.layers, *self.model.decoder.layers]
-
-
-def lr_factor(warmup: int, total: int, decay: str, min_ratio: float):
-    """Linear warmup, then cosine/linear decay to ``min_ratio`` at ``total`` steps (or constant)."""
-    if decay not in ("cosine", "linear", "constant"):
-        raise ConfigError(f"optim.decay must be cosine, linear or constant, got '{decay}'")
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if decay == "constant":
-            return 1.0
-        frac = min(1.0, (step - warmup) / max(1, total - warmup))
-        shape = 0.5 * (1 + math.cos(math.pi * frac)) if decay == "cosine" else 1 - frac
-        return min_ratio + (1 - min_ratio) * shape
-
-    return f
 
 
 COMPONENT = Component(name="bart_prior", schema=PriorRunConfig, build=lambda cfg: PriorModule(cfg), data_mode="codes")

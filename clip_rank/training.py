@@ -14,6 +14,7 @@ from open_clip import ClipLoss
 from clip_rank.io import PretrainedNotFoundError, build_clip, resolve_pretrained, save_clip
 from clip_rank.model import ClipModel, symmetric_infonce
 from launch.components import Component
+from launch.schedule import lr_factor
 from launch.sharding import ShardedModule
 from launch.config import ConfigError, RunConfig
 
@@ -111,16 +112,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         else:
             decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):
-    """LR multiplier: linear warmup to 1, then cosine down to ``min_ratio`` at ``total`` steps."""
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
 
 
 def load_reconstructor(path: str) -> torch.nn.Module:
@@ -245,7 +236,7 @@ class ClipModule(ShardedModule):
         fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
         total = o.total_steps or self.cfg.trainer.max_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(o.warmup_steps, total, o.min_lr_ratio))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(o.warmup_steps, total, "cosine", o.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 

@@ -84,7 +84,7 @@ def test_mismatched_code_shards_fail_at_start(setup, tmp_path):
 
 
 def test_lr_schedule_shapes():
-    from bart_prior.training import lr_factor
+    from launch.schedule import lr_factor
 
     cos = lr_factor(10, 110, "cosine", 0.1)
     lin = lr_factor(10, 110, "linear", 0.0)

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 
 from _clip_helpers import TINY_YAML, one_thread, square_batch, tiny_cfg
 from clip_rank.io import PretrainedNotFoundError
-from clip_rank.training import COMPONENT, ClipModule, param_groups, retrieval_metrics, warmup_cosine
+from clip_rank.training import COMPONENT, ClipModule, param_groups, retrieval_metrics
+from launch.schedule import lr_factor
 from launch.config import ConfigError, load_config
 
 
@@ -65,7 +66,7 @@ def test_weight_decay_groups_and_schedule(tmp_path):
         assert n in no_decay_names, n
     assert "visual.transformer.resblocks.0.mlp.c_fc.weight" in decay_names
     assert all(not n.endswith(".bias") and "ln" not in n for n in decay_names)
-    f = warmup_cosine(10, 110, 0.1)
+    f = lr_factor(10, 110, "cosine", 0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0) and f(60) == pytest.approx(0.55)
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
 
