@@ -2,6 +2,7 @@
 from launch.components import Component, get_component
 from launch.config import ConfigError, RunConfig, TrainerConfig, load_config
 from launch.images import log_image_grid, make_grid, save_png
+from launch.pipeline import GeneratedImage, Pipeline
 
-__all__ = ["Component", "ConfigError", "RunConfig", "TrainerConfig", "get_component", "load_config",
+__all__ = ["Component", "ConfigError", "GeneratedImage", "Pipeline", "RunConfig", "TrainerConfig", "get_component", "load_config",
            "log_image_grid", "make_grid", "save_png"]
