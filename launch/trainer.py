@@ -55,8 +55,11 @@ def _accelerator(tc: DictConfig) -> str:
     return tc.accelerator
 
 
-def build_strategy(tc: DictConfig) -> Any:
-    """'auto' | 'ddp' | 'fsdp' -> a Lightning strategy object (gloo on CPU, NCCL on GPU)."""
+def build_strategy(tc: DictConfig, find_unused_parameters: bool = False) -> Any:
+    """'auto' | 'ddp' | 'fsdp' -> a Lightning strategy object (gloo on CPU, NCCL on GPU).
+
+    ``find_unused_parameters``: DDP must expect backward passes that leave parameters untouched (a GAN's generator
+    and discriminator losses each reach only part of the module, and the discriminator none before it starts)."""
     accelerator = _accelerator(tc)
     if tc.strategy == "auto":
         return "auto"
@@ -64,7 +67,7 @@ def build_strategy(tc: DictConfig) -> Any:
         from pytorch_lightning.strategies import DDPStrategy
 
         return DDPStrategy(process_group_backend="nccl" if accelerator == "gpu" else "gloo",
-                           checkpoint_io=AtomicCheckpointIO())
+                           checkpoint_io=AtomicCheckpointIO(), find_unused_parameters=find_unused_parameters)
     if tc.strategy == "fsdp":
         from pytorch_lightning.strategies import ModelParallelStrategy
 
@@ -79,7 +82,7 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None,
                   manual_optimization: bool = False) -> pl.Trainer:
     """``manual_optimization``: the module accumulates and clips itself, so the Trainer gets neither setting."""
     tc = cfg.trainer
-    strategy = build_strategy(tc)
+    strategy = build_strategy(tc, find_unused_parameters=manual_optimization)
     checkpoint = ModelCheckpoint(
         dirpath=run.checkpoints, filename="step{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=tc.checkpoint_every_n_steps, save_last=True,
