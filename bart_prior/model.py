@@ -51,6 +51,7 @@ class PriorConfig:
     # lowered the share of correct images in a prototype (scale 3: 42% -> 10% all-correct), so the default is
     # measured, not copied from dalle-mini: `make demo` writes the best scale of its sweep into the bundle.
     condition_scale: float = 1.0
+    temperature: float = 1.0  # generate()'s default sampling temperature, likewise measured by the demo
     # Only used by sample logging during training: a VQGAN save_pretrained folder to decode codes to images.
     vqgan_for_samples: Optional[str] = None
 

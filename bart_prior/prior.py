@@ -87,7 +87,7 @@ class BartPrior(torch.nn.Module):
     # ---- sampling
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str], num_candidates: int = 1,
-                 condition_scale: Optional[float] = None, temperature: float = 1.0,
+                 condition_scale: Optional[float] = None, temperature: Optional[float] = None,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
                  batch_size: Optional[int] = None, use_cache: bool = True) -> torch.LongTensor:
         """Sample ``num_candidates`` code sequences per prompt -> LongTensor (len(prompts), num_candidates, h*w).
@@ -99,6 +99,8 @@ class BartPrior(torch.nn.Module):
             prompts = [prompts]
         if condition_scale is None:
             condition_scale = self.config.condition_scale
+        if temperature is None:
+            temperature = self.config.temperature
         if num_candidates < 1 or not prompts:
             raise ValueError("generate needs at least one prompt and num_candidates >= 1")
         if top_p is not None and not 0 < top_p <= 1:

@@ -30,6 +30,7 @@ class Preset:
     eval_prompts: tuple[int, int] = (64, 64)  # seen, held-out (fewer made the shares swing by 10+ points)
     candidates: int = 16
     scales: tuple[float, ...] = (1.0, 2.0, 3.0)
+    temperatures: tuple[float, ...] = (1.0, 0.85, 0.7)  # swept at the best scale
 
 
 PRESETS = {
@@ -37,7 +38,7 @@ PRESETS = {
     "full": Preset(samples=24000, vqgan=["trainer.max_time=00:00:12:00"], prior=["trainer.max_time=00:00:08:00"],
                    clip=["trainer.max_time=00:00:05:00"]),
     # Seconds per stage: exercises every stage and file format (the test suite runs it), not quality.
-    "tiny": Preset(samples=400, config="tiny", vocab_size=300, eval_prompts=(3, 3), candidates=4, scales=(1.0, 2.0),
+    "tiny": Preset(samples=400, config="tiny", vocab_size=300, eval_prompts=(3, 3), candidates=4, scales=(1.0, 2.0), temperatures=(1.0, 0.7),
                    vqgan=["trainer.max_steps=4", "trainer.val_check_interval=4", "data.batch_size=8"],
                    prior=["trainer.max_steps=4", "trainer.val_check_interval=4", "data.batch_size=8"],
                    clip=["trainer.max_steps=4", "trainer.val_check_interval=4", "data.batch_size=8"]),
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     from launch.evaluate import write_report
 
     write_report(out, num_seen=preset.eval_prompts[0], num_heldout=preset.eval_prompts[1],
-                 candidates=preset.candidates, scales=preset.scales, timings=timings)
+                 candidates=preset.candidates, scales=preset.scales, temperatures=preset.temperatures,
+                 timings=timings)
     print(f"\nreport: {out}/report.md\ngrid:   {out}/grid.png")
     return 0
 

@@ -86,13 +86,13 @@ def _summaries(per_prompt: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def generation_eval(pipe: Any, prompts: Sequence[tuple[str, bool]], candidates: int, scale: float, seed: int = 0,
-                    batch_size: int = 64) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
-    """Oracle scores of every candidate of every prompt at one condition scale."""
+                    batch_size: int = 64, temperature: float = 1.0) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
+    """Oracle scores of every candidate of every prompt at one condition scale and temperature."""
     score = _oracle()
     texts = [p for p, _ in prompts]
     # one call for all prompts: the sampler batches candidates of several prompts together
     codes = pipe.prior.generate(texts, num_candidates=candidates, condition_scale=scale, seed=seed,
-                                batch_size=batch_size)
+                                batch_size=batch_size, temperature=temperature)
     per_prompt, images_by_prompt = [], {}
     for (prompt, held_out), prompt_codes in zip(prompts, codes):
         images = pipe.decode(prompt_codes, batch_size)
@@ -127,11 +127,12 @@ def _fmt(x: Optional[float], pct: bool = True) -> str:
 
 def _markdown(report: dict) -> str:
     lines = ["# Demo report: text-to-image on the shapes set", "",
-             f"Chosen condition scale: **{report['condition_scale']}** (best CLIP-ranked all-correct over all "
-             "prompts in the sweep).", "", "## Prompt fidelity (shapes oracle), chosen scale", "",
+             f"Chosen: condition scale **{report['condition_scale']}**, temperature **{report['temperature']}** (best "
+             "CLIP-ranked all-correct over all prompts in the sweeps; stored as the bundle prior's defaults).", "",
+             "## Prompt fidelity (shapes oracle), chosen settings", "",
              "| split | prompts | random all-correct | CLIP-best all-correct | oracle-best (ceiling) |",
              "|---|---|---|---|---|"]
-    chosen = report["sweep"][str(report["condition_scale"])]
+    chosen = report["chosen"]
     for split, s in chosen.items():
         lines.append(f"| {split} | {s['prompts']} | {_fmt(s['random_all'])} | {_fmt(s['clip_best_all'])} | "
                      f"{_fmt(s['oracle_best_all'])} |")
@@ -146,6 +147,11 @@ def _markdown(report: dict) -> str:
         s = sw["all"]
         lines.append(f"| {scale} | {_fmt(s['random_all'])} | {_fmt(s['clip_best_all'])} | "
                      f"{_fmt(s['oracle_best_all'])} |")
+    lines += ["", f"## Temperature sweep at scale {report['condition_scale']} (all prompts)", "",
+              "| temperature | random all-correct | CLIP-best all-correct | oracle-best |", "|---|---|---|---|"]
+    for t, sw in report["temperature_sweep"].items():
+        s = sw["all"]
+        lines.append(f"| {t} | {_fmt(s['random_all'])} | {_fmt(s['clip_best_all'])} | {_fmt(s['oracle_best_all'])} |")
     r = report["reconstruction"]
     lines += ["", "## Components", "",
               f"- VQGAN reconstructions of {r['images']} val images: oracle all-correct {_fmt(r['oracle_all_correct'])}"
@@ -159,19 +165,20 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def set_default_scale(prior_dir: str, scale: float) -> None:
-    """Record the measured best condition scale as the bundle prior's default (generate.py uses it)."""
+def set_sampling_defaults(prior_dir: str, scale: float, temperature: float) -> None:
+    """Record the measured best condition scale and temperature as the bundle prior's defaults (generate.py uses
+    them)."""
     path = os.path.join(prior_dir, "config.json")
     with open(path) as fh:
         config = json.load(fh)
-    config["condition_scale"] = float(scale)
+    config["condition_scale"], config["temperature"] = float(scale), float(temperature)
     with open(path + ".tmp", "w") as fh:
         json.dump(config, fh, indent=2)
     os.replace(path + ".tmp", path)
 
 
 def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, scales: Sequence[float],
-                 timings: Optional[dict] = None, seed: int = 0) -> dict:
+                 temperatures: Sequence[float] = (1.0,), timings: Optional[dict] = None, seed: int = 0) -> dict:
     """Evaluate the bundle in ``out/bundle``; write report.json, report.md and grid.png into ``out``."""
     from launch.pipeline import Pipeline
 
@@ -183,15 +190,23 @@ def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, sca
         sweep[str(scale)], details[str(scale)], grids[str(scale)] = generation_eval(pipe, prompts, candidates, scale,
                                                                                      seed=seed)
     best = max(scales, key=lambda s: (sweep[str(s)]["all"]["clip_best_all"], -s))
-    set_default_scale(os.path.join(out, "bundle", "bart_prior"), best)
-    report = {"condition_scale": best, "candidates": candidates, "seed": seed, "sweep": sweep,
+    # then the temperature at that scale (1.0 is the scale sweep's own run)
+    t_sweep, t_grids = {"1.0": sweep[str(best)]}, {"1.0": grids[str(best)]}
+    for t in temperatures:
+        if float(t) != 1.0:
+            t_sweep[str(t)], details[f"{best}@T{t}"], t_grids[str(t)] = generation_eval(
+                pipe, prompts, candidates, best, seed=seed, temperature=float(t))
+    best_t = max(t_sweep, key=lambda t: (t_sweep[t]["all"]["clip_best_all"], float(t)))
+    set_sampling_defaults(os.path.join(out, "bundle", "bart_prior"), best, float(best_t))
+    report = {"condition_scale": best, "temperature": float(best_t), "chosen": t_sweep[best_t],
+              "temperature_sweep": t_sweep, "candidates": candidates, "seed": seed, "sweep": sweep,
               "reconstruction": recon,
               "prior": _last_metrics(os.path.join(out, "bart_prior"), ["val/loss", "val/perplexity"]),
               "clip": _last_metrics(os.path.join(out, "clip"), ["val/t2i_R@1", "val/i2t_R@1"]),
               "timings_s": timings or {}}
     shown = [p for p, _ in prompts[:6]] + [p for p, h in prompts if h][:6]
     keep = min(4, candidates)
-    rows = torch.cat([grids[str(best)][p][:keep] for p in dict.fromkeys(shown)])
+    rows = torch.cat([t_grids[best_t][p][:keep] for p in dict.fromkeys(shown)])
     save_png(make_grid(rows, nrow=keep), os.path.join(out, "grid.png"))
     for name, payload in (("report.json", report), ("report_details.json", details)):
         with open(os.path.join(out, name + ".tmp"), "w") as fh:

@@ -57,7 +57,7 @@ class Pipeline:
 
     @torch.inference_mode()
     def __call__(self, prompts: Sequence[str] | str, num_candidates: int = 16, keep: int = 4,
-                 condition_scale: Optional[float] = None, temperature: float = 1.0, top_k: Optional[int] = None,
+                 condition_scale: Optional[float] = None, temperature: Optional[float] = None, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, seed: int = 0, batch_size: int = 16, rank: bool = True,
                  progress: bool = True) -> list[list[GeneratedImage]]:
         """For each prompt, ``keep`` images, best CLIP score first (or the first ``keep`` with ``rank=False``)."""
@@ -66,9 +66,9 @@ class Pipeline:
         if rank and self.ranker is None:
             raise ValueError("ranking needs a CLIP part; pass rank=False to keep the first candidates")
         keep = min(keep, num_candidates)
-        kwargs = dict(temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size)
-        if condition_scale is not None:
-            kwargs["condition_scale"] = condition_scale
+        # None: the prior's own defaults (the demo stores its measured best in the bundle)
+        kwargs = dict(condition_scale=condition_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                      batch_size=batch_size)
         results = []
         for prompt in tqdm(prompts, desc="prompts", disable=not progress):
             codes = self.prior.generate([prompt], num_candidates=num_candidates, seed=seed, **kwargs)[0]

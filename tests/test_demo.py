@@ -22,7 +22,11 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path):
                  "bart_prior/export", "clip/export", "bundle/vqgan", "report.json", "report.md", "grid.png"):
         assert (out / path).exists(), path
     report = json.load(open(out / "report.json"))
-    assert report["condition_scale"] in (1.0, 2.0)
+    assert report["condition_scale"] in (1.0, 2.0) and report["temperature"] in (1.0, 0.7)
+    assert set(report["temperature_sweep"]) == {"1.0", "0.7"}
+    prior_config = json.load(open(out / "bundle" / "bart_prior" / "config.json"))
+    assert (prior_config["condition_scale"], prior_config["temperature"]) == (report["condition_scale"],
+                                                                              report["temperature"])
     assert set(report["sweep"]) == {"1.0", "2.0"}
     for split in ("seen", "held_out", "all"):
         s = report["sweep"]["1.0"][split]
