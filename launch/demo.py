@@ -30,7 +30,7 @@ class Preset:
     eval_prompts: tuple[int, int] = (64, 64)  # seen, held-out (fewer made the shares swing by 10+ points)
     candidates: int = 16
     scales: tuple[float, ...] = (1.0, 2.0, 3.0)
-    temperatures: tuple[float, ...] = (1.0, 0.85, 0.7)  # swept at the best scale
+    temperatures: tuple[float, ...] = (1.0, 0.85)  # swept at the best scale (0.7 measured lower: 40.6% vs 41.4%)
 
 
 PRESETS = {
