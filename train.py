@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if result.export_dir is None:
+        print(f"stopped for requeue; the job resumes from {result.run.root}", file=sys.stderr)
+        return 0
     print(result.export_dir)
     return 0
 

@@ -1,7 +1,8 @@
 """sbatch scripts for `train.py COMPONENT --slurm`: srun one task per device, SIGUSR1 before the time limit, requeue.
 
-Lightning's own SLURM environment does the rendezvous and, on SIGUSR1, saves ``hpc_ckpt_N.ckpt`` in the run folder
-and requeues the job; the requeued job runs the same command, and ``resume: auto`` picks that checkpoint up.
+Lightning's SLURM environment does the rendezvous; on SIGUSR1 ``launch.requeue.SlurmRequeue`` has all ranks save
+``hpc_ckpt_N.ckpt`` in the run folder at the same step and requeues the job; the requeued job runs the same command,
+and ``resume: auto`` picks that checkpoint up.
 """
 from __future__ import annotations
 

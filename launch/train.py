@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from launch.components import get_component
 from launch.config import ConfigError, load_config
+from launch.requeue import SlurmRequeue
 from launch.run import RunDir, prepare_run
 from launch.trainer import build_trainer
 
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunResult:
     run: RunDir
-    export_dir: str
+    export_dir: Optional[str]  # None when the run stopped to be requeued
     resumed_from: Optional[str]
     trainer: pl.Trainer
 
@@ -55,6 +56,8 @@ def run_training(component: str, config_path: Optional[str], overrides: Sequence
     datamodule = ShardDataModule(cfg.data)
     module = comp.build(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    if any(isinstance(cb, SlurmRequeue) and cb.requeued for cb in trainer.callbacks):
+        return RunResult(run=run, export_dir=None, resumed_from=ckpt, trainer=trainer)
     export(module, trainer, run.export, rebuild=lambda: comp.build(cfg))
     return RunResult(run=run, export_dir=run.export, resumed_from=ckpt, trainer=trainer)
 

@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from launch.config import ConfigError
+from launch.requeue import SlurmRequeue, in_slurm_job
 from launch.run import RunDir
 
 
@@ -94,7 +95,13 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None,
     cbs += callbacks or []
     loggers = [TensorBoardLogger(save_dir=run.root, name="tb", version="", default_hp_metric=False),
                CSVLogger(save_dir=run.root, name="csv", version="")]
-    plugins = [AtomicCheckpointIO()] if strategy == "auto" else None
+    plugins: list = [AtomicCheckpointIO()] if strategy == "auto" else []
+    if in_slurm_job():
+        # Lightning's own SIGUSR1 handler saves inside the handler, which can deadlock DDP (see launch/requeue.py)
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        cbs.append(SlurmRequeue())
     return pl.Trainer(
         accelerator=_accelerator(tc), devices=tc.devices, num_nodes=tc.num_nodes, strategy=strategy,
         precision=tc.precision, max_steps=tc.max_steps, max_epochs=-1, max_time=tc.max_time,
@@ -104,5 +111,5 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None,
         gradient_clip_val=None if manual_optimization else tc.gradient_clip_val,
         num_sanity_val_steps=tc.num_sanity_val_steps, deterministic=tc.deterministic,
         enable_progress_bar=tc.progress_bar, default_root_dir=run.root, callbacks=cbs, logger=loggers,
-        plugins=plugins, use_distributed_sampler=False,
+        plugins=plugins or None, use_distributed_sampler=False,
     )

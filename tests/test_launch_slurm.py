@@ -108,5 +108,6 @@ def test_sigusr1_checkpoints_requeues_and_resumes(cluster, data, tmp_path):
     assert glob.glob(str(run / "hpc_ckpt_*.ckpt")), log[-4000:]
     info = subprocess.run(["scontrol", "show", "job", job], env=cluster, capture_output=True, text=True).stdout
     assert "Restarts=1" in info, info
+    assert "requeue signal: saving" in log and "requeued SLURM job" in log
     assert "resuming from" in log and "hpc_ckpt" in log
     assert final_step(str(run)) == steps
