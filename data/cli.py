@@ -22,6 +22,14 @@ def _parser() -> argparse.ArgumentParser:
     shapes.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     shapes.add_argument("--val-fraction", type=float, default=0.1, help="share of samples in val (default 0.1)")
 
+    emoji = prep.add_parser("emoji", help="Noto Color Emoji rendered with their names (train/val + manifest.json)")
+    emoji.add_argument("--out", required=True, help="output folder")
+    emoji.add_argument("--resolution", type=int, default=64, help="image side in pixels (default 64)")
+    emoji.add_argument("--val-fraction", type=float, default=0.05, help="share of emoji in val (default 0.05)")
+    emoji.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    emoji.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    emoji.add_argument("--font", help="TrueType font (default: Debian fonts-noto-color-emoji's NotoColorEmoji.ttf)")
+
     folder = prep.add_parser("folder", help="images with same-stem .txt captions, or --captions CSV/JSONL")
     folder.add_argument("--src", required=True, help="folder of images (searched recursively)")
     folder.add_argument("--out", required=True, help="output folder for the shards")
@@ -36,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    from data.prepare import inspect_shards, prepare_folder, prepare_shapes  # after argparse: fast --help
+    from data.prepare import inspect_shards, prepare_emoji, prepare_folder, prepare_shapes  # after argparse
 
     def progress(msg: str) -> None:
         print(f"wrote {msg}", file=sys.stderr)
@@ -48,6 +56,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             m = prepare_shapes(args.out, args.num_samples, resolution=args.resolution, seed=args.seed,
                                shard_size=args.shard_size, val_fraction=args.val_fraction, progress=progress)
             result = {"out": args.out, "counts": m["counts"], "splits": m["splits"]}
+        elif args.source == "emoji":
+            m = prepare_emoji(args.out, resolution=args.resolution, val_fraction=args.val_fraction, seed=args.seed,
+                              shard_size=args.shard_size, font=args.font, progress=progress)
+            result = {"out": args.out, "candidates": m["candidates"], "counts": m["counts"],
+                      "skipped": m["skipped"], "splits": m["splits"]}
         else:
             result = prepare_folder(args.src, args.out, captions=args.captions, shard_size=args.shard_size,
                                     progress=progress)

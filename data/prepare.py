@@ -1,4 +1,5 @@
-"""Shard tools behind ``python -m data``: the shapes set, a folder of captioned images, and shard inspection.
+"""Shard tools behind ``python -m data``: the shapes set, the Noto emoji set, a folder of captioned images, and
+shard inspection.
 
 Every writer here is resumable: a shard is written under a temporary name and renamed when complete, the sample ->
 shard assignment is a pure function of the inputs, and a rerun skips the shards that already exist.
@@ -6,16 +7,19 @@ shard assignment is a pure function of the inputs, and a rerun skips the shards 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import os
+import random
 import tarfile
 from collections import Counter
 from typing import Any, Callable, Iterable, Optional
 
 from PIL import Image
 
+from data import emoji as emoji_set
 from data.decode import CODES_EXT, IMAGE_EXTS, SKIP_KINDS, SkipCounter, decode_codes, load_image
 from data.errors import DataError
 from data.shapes import HELDOUT_SEED, all_combinations, heldout_combinations, make_sample, spec_dict
@@ -95,6 +99,87 @@ def prepare_shapes(out: str, num_samples: int, resolution: int = 64, seed: int =
             return make_sample(split, j, seed, resolution, seen, held)
 
         shards[split], _ = _write_shards(os.path.join(out, split), counts[split], shard_size, make, progress)
+        first, last = shards[split][0][:-4], shards[split][-1][:-4]
+        manifest["splits"][split] = f"{split}/{{{first}..{last}}}.tar" if first != last else f"{split}/{first}.tar"
+    manifest["shards"] = shards
+    _write_json(manifest_path, manifest)  # last: its presence says the set is complete
+    os.remove(pending)
+    return manifest
+
+
+# ---- Noto emoji -------------------------------------------------------------------------------------------------
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare_emoji(out: str, resolution: int = 64, val_fraction: float = 0.05, seed: int = 0, shard_size: int = 1000,
+                  font: Optional[str] = None, font_size: int = emoji_set.FONT_SIZE,
+                  names: Optional[dict[str, str]] = None, progress: Progress = None) -> dict:
+    """Render every emoji of ``names`` (default: the ``emoji`` package's table) with ``font`` (default: Noto Color
+    Emoji) into OUT/train/*.tar, OUT/val/*.tar and OUT/manifest.json (written last). Returns the manifest.
+
+    Blank renders (glyphs the font lacks) and sequences that fall apart into several glyphs are skipped and counted.
+    The kept emoji (in code point order) are split by a ``seed``-ed permutation: its first ``val_fraction`` goes to
+    val; both splits are written in permutation order. A rerun skips finished shards.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if resolution < 16:
+        raise DataError(f"--resolution must be >= 16, got {resolution}")
+    if shard_size < 1:
+        raise DataError(f"--shard-size must be >= 1, got {shard_size}")
+    font_path = font or emoji_set.DEFAULT_FONT
+    loaded = emoji_set.load_font(font_path, font_size)  # first: a missing font is the likeliest problem
+    names_version = "custom"
+    if names is None:
+        names, names_version = emoji_set.emoji_names()
+    table = json.dumps(sorted(names.items()), ensure_ascii=False).encode("utf-8")
+    settings = {"seed": seed, "resolution": resolution, "val_fraction": val_fraction, "shard_size": shard_size,
+                "font": os.path.abspath(font_path), "font_sha256": _sha256(font_path), "font_size": font_size,
+                "names": names_version, "names_sha256": hashlib.sha256(table).hexdigest(),
+                "layout": emoji_set.layout_engine()}
+    manifest_path, pending = os.path.join(out, "manifest.json"), os.path.join(out, ".prepare.json")
+    for path in (manifest_path, pending):  # a rerun must not mix shards made with other settings
+        if os.path.exists(path):
+            with open(path) as fh:
+                old = json.load(fh).get("settings")
+            if old != settings:
+                raise DataError(f"{out} holds an emoji set made with other settings ({old}); choose another --out")
+    kept: list[tuple[str, bytes]] = []
+    skipped: dict[str, list[str]] = {reason: [] for reason in emoji_set.SKIP_REASONS}
+    for text in sorted(names):
+        image, reason = emoji_set.render(text, loaded, resolution)
+        if image is None:
+            skipped[reason].append(names[text])
+        else:
+            kept.append((text, emoji_set.png_bytes(image)))
+    if len(kept) < 2:
+        raise DataError(f"only {len(kept)} of {len(names)} emoji rendered with {font_path}; need >= 2")
+    order = list(range(len(kept)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(kept) - 1, max(1, round(len(kept) * val_fraction)))
+    split_items = {"val": order[:n_val], "train": order[n_val:]}
+    os.makedirs(out, exist_ok=True)
+    _write_json(pending, {"settings": settings})
+    manifest: dict[str, Any] = {
+        "name": "emoji", "version": 1, "settings": settings, "candidates": len(names),
+        "counts": {"train": len(split_items["train"]), "val": n_val},
+        "skipped": {reason: len(v) for reason, v in skipped.items()}, "skipped_names": skipped, "splits": {},
+    }
+    shards = {}
+    for split in ("train", "val"):
+        def make(j: int, split: str = split) -> dict:
+            text, png = kept[split_items[split][j]]
+            meta = {"emoji": text, "codepoints": emoji_set.codepoints(text)}
+            return {"__key__": f"{split}_{j:06d}", "png": png, "txt": names[text],
+                    "json": json.dumps(meta, ensure_ascii=False, sort_keys=True)}
+
+        shards[split], _ = _write_shards(os.path.join(out, split), len(split_items[split]), shard_size, make,
+                                         progress)
         first, last = shards[split][0][:-4], shards[split][-1][:-4]
         manifest["splits"][split] = f"{split}/{{{first}..{last}}}.tar" if first != last else f"{split}/{first}.tar"
     manifest["shards"] = shards
