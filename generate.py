@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="candidates sampled, decoded and scored at a time")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="the prior's matrix products; auto = bf16 on CUDA with bf16 and on AVX512-bf16 CPUs")
     p.add_argument("--no-rank", action="store_true", help="keep the first K candidates, no CLIP")
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = pipe(args.prompts, num_candidates=args.candidates, keep=args.keep,
                    condition_scale=args.condition_scale, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, rank=rank)
+                   top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, rank=rank,
+                   precision=args.precision)
     os.makedirs(args.out, exist_ok=True)
     rows, records = [], []
     for i, (prompt, ranked) in enumerate(zip(args.prompts, results)):

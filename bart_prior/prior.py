@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bart_prior.model import PriorConfig, PriorModel
-from bart_prior.sampling import SamplingOptions, candidate_seed, candidate_uniforms, sample_codes
+from bart_prior.sampling import SamplingOptions, candidate_seed, candidate_uniforms, resolve_precision, sample_codes
 from bart_prior.tokenizer import load_tokenizer
 
 class BartPrior(torch.nn.Module):
@@ -89,11 +89,13 @@ class BartPrior(torch.nn.Module):
     def generate(self, prompts: Sequence[str], num_candidates: int = 1,
                  condition_scale: Optional[float] = None, temperature: Optional[float] = None,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
-                 batch_size: Optional[int] = None, use_cache: bool = True) -> torch.LongTensor:
+                 batch_size: Optional[int] = None, use_cache: bool = True,
+                 precision: str = "fp32") -> torch.LongTensor:
         """Sample ``num_candidates`` code sequences per prompt -> LongTensor (len(prompts), num_candidates, h*w).
 
         Candidate c of prompt p depends only on (seed, p, c) and the sampling options, not on ``batch_size``
-        (candidates per decoder batch; guided batches hold twice as many rows).
+        (candidates per decoder batch; guided batches hold twice as many rows). ``precision``: "fp32", "bf16"
+        (matrix products in bf16, attention and sampling in fp32) or "auto" (bf16 where the device is fast at it).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -107,11 +109,13 @@ class BartPrior(torch.nn.Module):
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         was_training = self.model.training
         self.model.eval()
-        opts = SamplingOptions(condition_scale, temperature, top_k, top_p)
         text_ids, text_mask = self.encode_prompts(prompts)
         empty = self.empty_prompt_ids() if condition_scale != 1.0 else None
         rows = [(p, c) for p in range(len(prompts)) for c in range(num_candidates)]
         batch_size = batch_size or len(rows)
+        decoder_rows = min(batch_size, len(rows)) * (1 if empty is None else 2)
+        precision = resolve_precision(precision, next(self.model.parameters()).device, decoder_rows)
+        opts = SamplingOptions(condition_scale, temperature, top_k, top_p, precision)
         length = self.config.seq_len
         out = torch.empty(len(rows), length, dtype=torch.long)
         for lo in range(0, len(rows), batch_size):

@@ -86,13 +86,14 @@ def _summaries(per_prompt: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def generation_eval(pipe: Any, prompts: Sequence[tuple[str, bool]], candidates: int, scale: float, seed: int = 0,
-                    batch_size: int = 64, temperature: float = 1.0) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
+                    batch_size: int = 64, temperature: float = 1.0,
+                    precision: str = "auto") -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
     """Oracle scores of every candidate of every prompt at one condition scale and temperature."""
     score = _oracle()
     texts = [p for p, _ in prompts]
     # one call for all prompts: the sampler batches candidates of several prompts together
     codes = pipe.prior.generate(texts, num_candidates=candidates, condition_scale=scale, seed=seed,
-                                batch_size=batch_size, temperature=temperature)
+                                batch_size=batch_size, temperature=temperature, precision=precision)
     per_prompt, images_by_prompt = [], {}
     for (prompt, held_out), prompt_codes in zip(prompts, codes):
         images = pipe.decode(prompt_codes, batch_size)

@@ -59,8 +59,11 @@ class Pipeline:
     def __call__(self, prompts: Sequence[str] | str, num_candidates: int = 16, keep: int = 4,
                  condition_scale: Optional[float] = None, temperature: Optional[float] = None, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, seed: int = 0, batch_size: int = 16, rank: bool = True,
-                 progress: bool = True) -> list[list[GeneratedImage]]:
-        """For each prompt, ``keep`` images, best CLIP score first (or the first ``keep`` with ``rank=False``)."""
+                 progress: bool = True, precision: str = "auto") -> list[list[GeneratedImage]]:
+        """For each prompt, ``keep`` images, best CLIP score first (or the first ``keep`` with ``rank=False``).
+
+        ``precision``: the prior's matrix products in "bf16" or "fp32"; "auto" = bf16 where the device is fast at
+        it (CUDA with bf16, AVX512-bf16 CPUs). The VQGAN always decodes in fp32."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if rank and self.ranker is None:
@@ -68,7 +71,7 @@ class Pipeline:
         keep = min(keep, num_candidates)
         # None: the prior's own defaults (the demo stores its measured best in the bundle)
         kwargs = dict(condition_scale=condition_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                      batch_size=batch_size)
+                      batch_size=batch_size, precision=precision)
         results = []
         for prompt in tqdm(prompts, desc="prompts", disable=not progress):
             codes = self.prior.generate([prompt], num_candidates=num_candidates, seed=seed, **kwargs)[0]

@@ -72,3 +72,34 @@ def test_prompt_edge_cases(prior):
     assert long.shape == empty.shape == unicode.shape == (1, 1, 16)
     with pytest.raises(ValueError):
         prior.generate(PROMPTS, num_candidates=0)
+
+
+def test_bf16_matrix_products_stay_close_to_fp32(prior):
+    """precision="bf16" keeps attention, norms and sampling in fp32: the step logits stay within bf16 rounding of
+    the fp32 ones (sampled sequences then differ: a random model's near-ties flip, and later steps follow)."""
+    from bart_prior.sampling import _CachedDecoder, _encode_rows
+
+    ids, mask = prior.encode_prompts(PROMPTS)
+    rows = torch.tensor([0, 1, 2, 0])
+    hidden, m, src = _encode_rows(prior.model, ids, mask, rows, prior.empty_prompt_ids())
+    with torch.inference_mode():
+        steps = {dt: _CachedDecoder(prior.model, hidden, m, src, guided=True, matmul_dtype=dt)
+                 for dt in (torch.float32, torch.bfloat16)}
+        tokens = torch.randint(0, 64, (16, 8))
+        for pos in range(16):
+            tok = torch.cat([tokens[pos], tokens[pos]])
+            a, b = steps[torch.float32].step(tok, pos), steps[torch.bfloat16].step(tok, pos)
+            assert a.dtype == b.dtype == torch.float32 and a.shape == (8, 64)
+            assert (a - b).abs().max() < 0.05 * a.std() + 1e-3
+    codes = prior.generate(PROMPTS, 2, condition_scale=3.0, top_k=8, seed=3, precision="bf16")
+    assert codes.shape == (3, 2, 16) and int(codes.max()) < 64 and int(codes.min()) >= 0
+
+
+def test_precision_auto_and_bad_values():
+    from bart_prior.sampling import resolve_precision
+
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
+    assert resolve_precision("auto", torch.device("cpu"), rows=2) == "fp32"  # conversions outweigh the gain
+    with pytest.raises(ValueError, match="precision must be"):
+        resolve_precision("fp16", torch.device("cpu"))
