@@ -4,15 +4,17 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from omegaconf import MISSING, DictConfig, OmegaConf
 from open_clip import ClipLoss
 
 from clip_rank.io import PretrainedNotFoundError, build_clip, resolve_pretrained, save_clip
 from clip_rank.model import ClipModel, symmetric_infonce
+from clip_rank.negatives import flatten_negatives, one_word_swaps
 from launch.components import Component
 from launch.schedule import lr_factor
 from launch.sharding import ShardedModule
@@ -55,6 +57,11 @@ class ClipLossConfig:
     local_loss: bool = True  # each rank: its rows against all gathered columns (O(B_local x B_global))
     gather_with_grad: bool = True  # gradients flow through the gathered features of other ranks
     max_logit_scale: float = 100.0  # the learned temperature's exp is clamped here, as in CLIP
+    # NegCLIP-style hard negatives: per image, this many captions = its caption with ONE word replaced by the word
+    # at the same position of another same-length batch caption (clip_rank/negatives.py), added as extra image->text
+    # columns (every image row sees all of them; the target stays its caption). 0 = off. Images whose caption has
+    # no such swap in the batch get none. Under DDP each rank uses its own negatives only.
+    hard_negatives: int = 0
 
 
 @dataclass
@@ -64,11 +71,95 @@ class ClipRunConfig(RunConfig):
     loss: ClipLossConfig = field(default_factory=ClipLossConfig)
 
 
+VAL_NEGATIVES_SEED = 1234  # val/hard_negative_acc: batch b's negatives come from a generator seeded with this + b
+
+
+def negative_mask(captions: List[str], negatives: List[str], device: Any = None) -> torch.Tensor:
+    """(len(captions), len(negatives)) bool, True where a negative is that row's own caption (left out of its row)."""
+    rows: dict[str, List[int]] = {}
+    for r, c in enumerate(captions):
+        rows.setdefault(" ".join(str(c).split()), []).append(r)
+    mask = torch.zeros(len(captions), len(negatives), dtype=torch.bool)
+    for k, neg in enumerate(negatives):
+        for r in rows.get(neg, ()):
+            mask[r, k] = True
+    return mask.to(device)
+
+
+class HardNegativeClipLoss(ClipLoss):
+    """open_clip's ClipLoss, plus optional hard negative captions as extra image->text columns.
+
+    Without negatives (``negative_features`` None or empty) it is ClipLoss unchanged. With them, each of this
+    rank's image rows is scored against all the (gathered) captions and all this rank's negatives; its target stays
+    its own caption. The text->image term is ClipLoss's. ``negative_mask`` (local images x negatives, True =
+    leave out) drops pairs where a negative is in fact the row's own caption (another caption's swap may produce
+    it). Under DDP the negatives are the local ones only (they are not gathered): each row sees the global batch of
+    captions plus its own rank's negatives.
+    """
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: Optional[torch.Tensor] = None, output_dict: bool = False,
+                negative_features: Optional[torch.Tensor] = None,
+                negative_mask: Optional[torch.Tensor] = None) -> Any:
+        if negative_features is None or negative_features.shape[0] == 0:
+            return super().forward(image_features, text_features, logit_scale, logit_bias, output_dict)
+        device = image_features.device
+        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale,
+                                                            logit_bias=logit_bias)
+        labels = self.get_ground_truth(device, logits_per_image.shape[0])
+        text_loss = F.cross_entropy(logits_per_text, labels)
+        n = image_features.shape[0]
+        if self.world_size > 1 and not self.local_loss:
+            # rows are the global images here: keep this rank's (the negatives belong to them); the mean over ranks
+            # of the local-row losses is the global-row mean
+            offset = n * self.rank
+            logits_per_image = logits_per_image[offset:offset + n]
+            image_labels = torch.arange(n, device=device) + offset
+        else:
+            image_labels = labels
+        neg_logits = logit_scale * image_features @ negative_features.T
+        if logit_bias is not None:
+            neg_logits = neg_logits + logit_bias
+        if negative_mask is not None:
+            neg_logits = neg_logits.masked_fill(negative_mask, float("-inf"))
+        image_loss = F.cross_entropy(torch.cat([logits_per_image, neg_logits], dim=1), image_labels)
+        total_loss = (image_loss + text_loss) / 2
+        return {"contrastive_loss": total_loss} if output_dict else total_loss
+
+
 def make_clip_loss(rank: int = 0, world_size: int = 1, local_loss: bool = True,
-                   gather_with_grad: bool = True) -> ClipLoss:
-    """open_clip's ClipLoss set up for this rank; with world_size > 1 the batch is the global one."""
-    return ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=True,
-                    rank=rank, world_size=world_size)
+                   gather_with_grad: bool = True) -> HardNegativeClipLoss:
+    """open_clip's ClipLoss set up for this rank (accepting hard negatives); with world_size > 1 the batch is the
+    global one."""
+    return HardNegativeClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, cache_labels=True,
+                                rank=rank, world_size=world_size)
+
+
+def hard_negative_scores(image_features: torch.Tensor, text_features: torch.Tensor,
+                         negative_features: torch.Tensor, owners: List[int],
+                         logit_scale: Union[float, torch.Tensor] = 1.0) -> dict[str, torch.Tensor]:
+    """Each image against its OWN hard negatives only (diagnostics, not the objective), over images that have any.
+
+    ``loss``: per image, cross-entropy of its caption against [caption, own negatives] (log(1 + #negatives) at
+    chance); ``acc``: 1 where its caption scores strictly higher than every own negative.
+    """
+    device = image_features.device
+    seen: dict[int, int] = {}
+    slots = []
+    for o in owners:  # the k-th negative of its image goes to column 1 + k
+        slots.append(seen.get(o, 0))
+        seen[o] = slots[-1] + 1
+    pos = (image_features.float() * text_features.float()).sum(-1)  # (B,)
+    own = torch.as_tensor(owners, dtype=torch.long, device=device)
+    neg = (image_features.float()[own] * negative_features.float()).sum(-1)  # (N,): negative k of image owners[k]
+    scores = torch.full((pos.shape[0], 1 + max(seen.values(), default=0)), float("-inf"), device=device)
+    scores[:, 0] = pos
+    scores[own, 1 + torch.as_tensor(slots, dtype=torch.long, device=device)] = neg
+    has = torch.isfinite(scores[:, 1:]).any(1) if scores.shape[1] > 1 else torch.zeros_like(pos, dtype=torch.bool)
+    logits = logit_scale * scores
+    loss = torch.logsumexp(logits, 1) - logits[:, 0]
+    acc = (scores[:, :1] > scores[:, 1:]).all(1).float()
+    return {"loss": loss[has], "acc": acc[has]}
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, captions: Optional[list] = None,
@@ -151,6 +242,8 @@ class ClipModule(ShardedModule):
             context_length=m.context_length, image_mean=m.image_mean, image_std=m.image_std)
         self.model.lock(image=m.lock_image, image_unlocked_groups=m.lock_image_unlocked_groups,
                         text=m.lock_text, text_unlocked_layers=m.lock_text_unlocked_layers)
+        if cfg.loss.hard_negatives < 0:
+            raise ConfigError(f"loss.hard_negatives must be >= 0 (0 = off), got {cfg.loss.hard_negatives}")
         if not 0.0 <= m.reconstruct_prob <= 1.0:
             raise ConfigError(f"model.reconstruct_prob must be in [0, 1], got {m.reconstruct_prob}")
         # A list, so the frozen VQGAN is neither a submodule (not trained, not in checkpoints) nor an export part.
@@ -199,12 +292,35 @@ class ClipModule(ShardedModule):
         """Write the open_clip folder (``open_clip_config.json`` + ``open_clip_model.safetensors``)."""
         return save_clip(self.model, out_dir)
 
+    def negative_generator(self) -> torch.Generator:
+        """This step's generator for the hard negatives: a function of (seed, rank, step), so runs repeat with the
+        seed and a resumed run draws what an uninterrupted one would, without a generator state to checkpoint."""
+        seed = int(self.cfg.get("seed") or 0)
+        return torch.Generator().manual_seed((seed * 1_000_003 + self.global_rank * 7_919 + self.global_step)
+                                             % (2 ** 63))
+
     # ----- Lightning hooks -----
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         images = self.reconstruct(batch["image"], self.cfg.model.reconstruct_prob)
-        image_features, text_features, scale = self.model(images, batch["caption"])
-        loss = self.clip_loss()(image_features.float(), text_features.float(), scale.float())
+        captions = list(batch["caption"])
         bs = images.shape[0]
+        num_neg = int(self.cfg.loss.hard_negatives)
+        if num_neg <= 0:
+            image_features, text_features, scale = self.model(images, captions)
+            loss = self.clip_loss()(image_features.float(), text_features.float(), scale.float())
+        else:
+            neg_texts, owners = flatten_negatives(one_word_swaps(captions, num_neg, self.negative_generator()))
+            # one text-tower pass for the captions and their negatives
+            image_features, texts, scale = self.model(images, captions + neg_texts)
+            text_features, neg_features = texts[:bs], texts[bs:]
+            loss = self.clip_loss()(image_features.float(), text_features.float(), scale.float(),
+                                    negative_features=neg_features.float(),
+                                    negative_mask=negative_mask(captions, neg_texts, images.device))
+            if neg_texts:
+                with torch.no_grad():
+                    hard = hard_negative_scores(image_features, text_features, neg_features, owners, scale.float())
+                self.log("train/loss_hard", hard["loss"].mean(), batch_size=len(hard["loss"]))
+                self.log("train/hard_negative_acc", hard["acc"].mean(), batch_size=len(hard["acc"]))
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/logit_scale", scale.detach().float(), batch_size=bs)
         return loss
@@ -214,18 +330,30 @@ class ClipModule(ShardedModule):
         with torch.no_grad():
             self.model.clip.logit_scale.clamp_(0, math.log(self.cfg.loss.max_logit_scale))
 
-    def _evaluate(self, images: torch.Tensor, captions: list, prefix: str) -> None:
-        image_features, text_features, scale = self.model(images, captions)
+    def _evaluate(self, images: torch.Tensor, captions: list, prefix: str, negatives: list) -> None:
+        neg_texts, owners = flatten_negatives(negatives)
         bs = images.shape[0]
+        image_features, texts, scale = self.model(images, list(captions) + neg_texts)
+        text_features = texts[:bs]
         loss = symmetric_infonce(image_features.float(), text_features.float(), scale.float())
         self.log(f"{prefix}/loss", loss, sync_dist=True, batch_size=bs)
         for name, values in retrieval_metrics(image_features, text_features, list(captions)).items():
             self.log(f"{prefix}/{name}", values.mean(), sync_dist=True, batch_size=bs, prog_bar=name == "t2i_R@1")
+        # Does the caption beat its one-word swap? Weighted by the images that have one (0 of them adds nothing,
+        # and every rank logs the key, as sync_dist needs).
+        acc = torch.zeros(0, device=images.device)
+        if neg_texts:
+            acc = hard_negative_scores(image_features, text_features, texts[bs:], owners)["acc"]
+        self.log(f"{prefix}/hard_negative_acc", acc.sum() / max(len(acc), 1), sync_dist=True, batch_size=len(acc))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch["image"], batch["caption"], "val")
+        captions = list(batch["caption"])
+        # the same negatives for the same val batch in every validation and run (a fixed seed, not the run's)
+        generator = torch.Generator().manual_seed(VAL_NEGATIVES_SEED + batch_idx)
+        negatives = one_word_swaps(captions, 1, generator)
+        self._evaluate(batch["image"], captions, "val", negatives)
         if self._reconstructor and self.cfg.model.reconstruct_val:
-            self._evaluate(self.reconstruct(batch["image"], 1.0), batch["caption"], "val/recon")
+            self._evaluate(self.reconstruct(batch["image"], 1.0), captions, "val/recon", negatives)
 
     def configure_optimizers(self) -> Any:
         o = self.cfg.optim
