@@ -1,6 +1,7 @@
 """pl.Trainer construction from the ``trainer:`` config section: strategy, loggers, checkpoints, progress."""
 from __future__ import annotations
 
+import csv
 import os
 from typing import Any
 
@@ -11,6 +12,8 @@ from omegaconf import DictConfig
 from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from launch.config import ConfigError
 from launch.requeue import SlurmRequeue, in_slurm_job
@@ -29,6 +32,51 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+
+
+class _KeepingWriter(ExperimentWriter):
+    """Appends to an existing metrics.csv: Lightning's writer deletes it when the folder exists, so a resumed run
+    would lose the history of everything before the resume."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as fh:
+                self.metrics_keys = list(csv.DictReader(fh).fieldnames or [])
+
+    def drop_from(self, step: int) -> None:
+        """Forget rows logged at ``step`` or later (a killed run logs past its last checkpoint; the resumed run logs
+        those steps again)."""
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if not r.get("step") or int(r["step"]) < step]
+        tmp = self.metrics_file_path + ".tmp"
+        with self._fs.open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.metrics_file_path)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """``csv/metrics.csv`` that survives resumes: old rows up to the resumed step stay, new ones are appended."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class _TrimLogsOnResume(Callback):
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, ResumableCSVLogger) and trainer.is_global_zero:
+                # the step loggers write: batches that stepped an optimizer (restored with the checkpoint)
+                logger.experiment.drop_from(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped",
+                                                    trainer.global_step))
 
 
 class RNGStateCheckpoint(Callback):
@@ -89,12 +137,14 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None,
         every_n_train_steps=tc.checkpoint_every_n_steps, save_last=True,
         monitor="step", mode="max", save_top_k=tc.keep_checkpoints,
     )
-    cbs: list = [checkpoint, RNGStateCheckpoint(), LearningRateMonitor(logging_interval="step")]
+    cbs: list = [checkpoint, RNGStateCheckpoint(), LearningRateMonitor(logging_interval="step"), _TrimLogsOnResume()]
     if tc.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, tc.log_every_n_steps)))
     cbs += callbacks or []
     loggers = [TensorBoardLogger(save_dir=run.root, name="tb", version="", default_hp_metric=False),
-               CSVLogger(save_dir=run.root, name="csv", version="")]
+               # written at every log step (an append), so a killed run loses no more than its last row
+               ResumableCSVLogger(save_dir=run.root, name="csv", version="",
+                                  flush_logs_every_n_steps=tc.log_every_n_steps)]
     plugins: list = [AtomicCheckpointIO()] if strategy == "auto" else []
     if in_slurm_job():
         # Lightning's own SIGUSR1 handler saves inside the handler, which can deadlock DDP (see launch/requeue.py)
