@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --candidates and --keep must be at least 1", file=sys.stderr)
         return 2
     try:
-        pipe = Pipeline.from_pretrained(args.bundle, vqgan=args.vqgan, prior=args.prior,
-                                        clip=None if args.no_rank else args.clip, device=args.device)
+        pipe = Pipeline.from_pretrained(args.bundle, vqgan=args.vqgan, prior=args.prior, clip=args.clip,
+                                        device=args.device, load_clip=not args.no_rank)
     except (BundleError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

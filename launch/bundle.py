@@ -40,8 +40,9 @@ def check_fit(vqgan: Any, prior: Any, ranker: Any = None) -> None:
 
 
 def load_parts(bundle: Optional[str], vqgan: Optional[str] = None, prior: Optional[str] = None,
-               clip: Optional[str] = None, need_clip: bool = False, device: str = "cpu"):
-    """Load (vqgan, prior, ranker); the ranker is None when the bundle has none and none is asked for."""
+               clip: Optional[str] = None, need_clip: bool = False, device: str = "cpu", load_clip: bool = True):
+    """Load (vqgan, prior, ranker); the ranker is None when the bundle has none and none is asked for, or with
+    ``load_clip=False`` (unranked generation need not pay for loading CLIP)."""
     from bart_prior import BartPrior
     from clip_rank import ClipRanker
     from vqgan import VQGAN
@@ -50,7 +51,7 @@ def load_parts(bundle: Optional[str], vqgan: Optional[str] = None, prior: Option
     p = BartPrior.from_pretrained(_part_dir(bundle, "bart_prior", prior))
     check_fit(v, p)
     clip_dir = clip or (os.path.join(bundle, "clip_rank") if bundle else None)
-    if clip_dir is None or (not need_clip and clip is None and not os.path.isdir(clip_dir)):
+    if not load_clip or clip_dir is None or (not need_clip and clip is None and not os.path.isdir(clip_dir)):
         return v, p, None
     return v, p, ClipRanker.from_pretrained(_part_dir(None, "clip_rank", clip_dir), device=device)
 

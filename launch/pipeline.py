@@ -40,10 +40,12 @@ class Pipeline:
 
     @classmethod
     def from_pretrained(cls, bundle: Optional[str] = None, vqgan: Optional[str] = None, prior: Optional[str] = None,
-                        clip: Optional[str] = None, device: Optional[str] = None) -> "Pipeline":
-        """Load a bundle; ``vqgan``/``prior``/``clip`` folders override (or replace) its parts."""
+                        clip: Optional[str] = None, device: Optional[str] = None,
+                        load_clip: bool = True) -> "Pipeline":
+        """Load a bundle; ``vqgan``/``prior``/``clip`` folders override (or replace) its parts. ``load_clip=False``
+        skips the ranker (for ``rank=False`` generation)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        v, p, c = load_parts(bundle, vqgan=vqgan, prior=prior, clip=clip, device=device)
+        v, p, c = load_parts(bundle, vqgan=vqgan, prior=prior, clip=clip, device=device, load_clip=load_clip)
         return cls(v, p, c, device=device)
 
     @torch.inference_mode()
