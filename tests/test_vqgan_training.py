@@ -109,6 +109,28 @@ def test_encoder_cli_writes_code_shards_the_data_module_reads(tmp_path, capsys):
     assert "save_pretrained" in capsys.readouterr().err
 
 
+def test_encoder_with_two_processes_deals_shards_round_robin(tmp_path):
+    """--devices 2 (local processes, CPU here): each rank writes its own shards; together they hold exactly the
+    codes of the single-process run, same keys."""
+    from data import iter_samples
+    from vqgan.encode import encode
+
+    write_image_shards(str(tmp_path / "img"), n_shards=3, per_shard=2)
+    torch.manual_seed(0)
+    VQGANModule(tiny_run_config(tmp_path)).vqgan.eval().save_pretrained(str(tmp_path / "model"))
+    one = encode(str(tmp_path / "model"), str(tmp_path / "img" / "*.tar"), str(tmp_path / "one"), batch_size=2)
+    two = encode(str(tmp_path / "model"), str(tmp_path / "img" / "*.tar"), str(tmp_path / "two"), devices=2,
+                 batch_size=2)
+    assert [os.path.basename(s) for s in two] == ["rank00-000000.tar", "rank00-000002.tar", "rank01-000001.tar"]
+
+    def by_key(paths: list) -> dict:
+        return {s["key"]: s["codes"] for p in paths for s in iter_samples(p, mode="codes")}
+
+    a, b = by_key(one), by_key(two)
+    assert sorted(a) == sorted(b) and len(a) == 6
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_init_from_loads_weights_and_missing_folder_is_a_config_error(tmp_path):
     from launch.config import ConfigError
 
