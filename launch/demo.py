@@ -35,7 +35,7 @@ class Preset:
 
 PRESETS = {
     # Budgets are wall-clock caps on this 2-core CPU; max_steps in the configs are what is normally reached first.
-    "full": Preset(samples=24000, vqgan=["trainer.max_time=00:00:11:00"], prior=["trainer.max_time=00:00:09:00"],
+    "full": Preset(samples=24000, vqgan=["trainer.max_time=00:00:10:00"], prior=["trainer.max_time=00:00:09:00"],
                    clip=["trainer.max_time=00:00:05:00"]),
     # Seconds per stage: exercises every stage and file format (the test suite runs it), not quality.
     "tiny": Preset(samples=400, config="tiny", vocab_size=300, eval_prompts=(3, 3), candidates=4, scales=(1.0, 2.0), temperatures=(1.0, 0.7),
