@@ -7,6 +7,7 @@ shard assignment is a pure function of the inputs, and a rerun skips the shards 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -59,6 +60,44 @@ def _write_shards(out_dir: str, n_items: int, shard_size: int, make: Callable[[i
     return names, written
 
 
+def _check_split_args(val_fraction: float, resolution: int, shard_size: int) -> None:
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if resolution < 16:
+        raise DataError(f"--resolution must be >= 16, got {resolution}")
+    if shard_size < 1:
+        raise DataError(f"--shard-size must be >= 1, got {shard_size}")
+
+
+MANIFEST, PENDING = "manifest.json", ".prepare.json"  # PENDING holds the settings while shards are being written
+
+
+def _refuse_other_settings(out: str, settings: dict, what: str) -> None:
+    """A rerun must not mix shards made with other settings."""
+    for path in (os.path.join(out, MANIFEST), os.path.join(out, PENDING)):
+        if os.path.exists(path):
+            with open(path) as fh:
+                old = json.load(fh).get("settings")
+            if old != settings:
+                raise DataError(f"{out} holds {what} made with other settings ({old}); choose another --out")
+
+
+def _write_splits(out: str, manifest: dict, counts: dict, shard_size: int, make: Callable[[str, int], dict],
+                  progress: Progress) -> dict:
+    """Write OUT/train and OUT/val (``make(split, j)`` -> sample j), then manifest.json last: its presence says the
+    set is complete. Removes the pending marker and returns the manifest."""
+    shards = {}
+    for split in ("train", "val"):
+        shards[split], _ = _write_shards(os.path.join(out, split), counts[split], shard_size,
+                                         functools.partial(make, split), progress)
+        first, last = shards[split][0][:-4], shards[split][-1][:-4]
+        manifest["splits"][split] = f"{split}/{{{first}..{last}}}.tar" if first != last else f"{split}/{first}.tar"
+    manifest["shards"] = shards
+    _write_json(os.path.join(out, MANIFEST), manifest)
+    os.remove(os.path.join(out, PENDING))
+    return manifest
+
+
 def prepare_shapes(out: str, num_samples: int, resolution: int = 64, seed: int = 0, shard_size: int = 1000,
                    val_fraction: float = 0.1, heldout_seed: int = HELDOUT_SEED, progress: Progress = None) -> dict:
     """Write the shapes set: OUT/train/*.tar, OUT/val/*.tar, OUT/manifest.json. Returns the manifest.
@@ -67,12 +106,7 @@ def prepare_shapes(out: str, num_samples: int, resolution: int = 64, seed: int =
     """
     if num_samples < 2:
         raise DataError(f"--num-samples must be >= 2, got {num_samples}")
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    if resolution < 16:
-        raise DataError(f"--resolution must be >= 16, got {resolution}")
-    if shard_size < 1:
-        raise DataError(f"--shard-size must be >= 1, got {shard_size}")
+    _check_split_args(val_fraction, resolution, shard_size)
     n_val = min(num_samples - 1, max(1, round(num_samples * val_fraction)))
     counts = {"train": num_samples - n_val, "val": n_val, "val_heldout": (n_val + 1) // 2}
     held = heldout_combinations(heldout_seed)
@@ -80,31 +114,17 @@ def prepare_shapes(out: str, num_samples: int, resolution: int = 64, seed: int =
     seen = [c for c in all_combinations() if c not in held_set]
     settings = {"seed": seed, "resolution": resolution, "num_samples": num_samples, "shard_size": shard_size,
                 "val_fraction": val_fraction, "heldout_seed": heldout_seed}
-    manifest_path, pending = os.path.join(out, "manifest.json"), os.path.join(out, ".prepare.json")
-    for path in (manifest_path, pending):  # a rerun must not mix shards made with other settings
-        if os.path.exists(path):
-            with open(path) as fh:
-                old = json.load(fh).get("settings")
-            if old != settings:
-                raise DataError(f"{out} holds a shapes set made with other settings ({old}); choose another --out")
+    _refuse_other_settings(out, settings, "a shapes set")
     os.makedirs(out, exist_ok=True)
-    _write_json(pending, {"settings": settings})
+    _write_json(os.path.join(out, PENDING), {"settings": settings})
     manifest: dict[str, Any] = {
         "name": "shapes", "version": 1, "settings": settings, "counts": counts, "spec": spec_dict(),
         "num_combinations": len(seen) + len(held), "heldout": [list(c) for c in held], "splits": {},
     }
-    shards = {}
-    for split in ("train", "val"):
-        def make(j: int, split: str = split) -> dict:
-            return make_sample(split, j, seed, resolution, seen, held)
+    def make(split: str, j: int) -> dict:
+        return make_sample(split, j, seed, resolution, seen, held)
 
-        shards[split], _ = _write_shards(os.path.join(out, split), counts[split], shard_size, make, progress)
-        first, last = shards[split][0][:-4], shards[split][-1][:-4]
-        manifest["splits"][split] = f"{split}/{{{first}..{last}}}.tar" if first != last else f"{split}/{first}.tar"
-    manifest["shards"] = shards
-    _write_json(manifest_path, manifest)  # last: its presence says the set is complete
-    os.remove(pending)
-    return manifest
+    return _write_splits(out, manifest, counts, shard_size, make, progress)
 
 
 # ---- Noto emoji -------------------------------------------------------------------------------------------------
@@ -126,12 +146,7 @@ def prepare_emoji(out: str, resolution: int = 64, val_fraction: float = 0.05, se
     The kept emoji (in code point order) are split by a ``seed``-ed permutation: its first ``val_fraction`` goes to
     val; both splits are written in permutation order. A rerun skips finished shards.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    if resolution < 16:
-        raise DataError(f"--resolution must be >= 16, got {resolution}")
-    if shard_size < 1:
-        raise DataError(f"--shard-size must be >= 1, got {shard_size}")
+    _check_split_args(val_fraction, resolution, shard_size)
     font_path = font or emoji_set.DEFAULT_FONT
     loaded = emoji_set.load_font(font_path, font_size)  # first: a missing font is the likeliest problem
     names_version = "custom"
@@ -142,13 +157,7 @@ def prepare_emoji(out: str, resolution: int = 64, val_fraction: float = 0.05, se
                 "font": os.path.abspath(font_path), "font_sha256": _sha256(font_path), "font_size": font_size,
                 "names": names_version, "names_sha256": hashlib.sha256(table).hexdigest(),
                 "layout": emoji_set.layout_engine()}
-    manifest_path, pending = os.path.join(out, "manifest.json"), os.path.join(out, ".prepare.json")
-    for path in (manifest_path, pending):  # a rerun must not mix shards made with other settings
-        if os.path.exists(path):
-            with open(path) as fh:
-                old = json.load(fh).get("settings")
-            if old != settings:
-                raise DataError(f"{out} holds an emoji set made with other settings ({old}); choose another --out")
+    _refuse_other_settings(out, settings, "an emoji set")
     kept: list[tuple[str, bytes]] = []
     skipped: dict[str, list[str]] = {reason: [] for reason in emoji_set.SKIP_REASONS}
     for text in sorted(names):
@@ -164,28 +173,19 @@ def prepare_emoji(out: str, resolution: int = 64, val_fraction: float = 0.05, se
     n_val = min(len(kept) - 1, max(1, round(len(kept) * val_fraction)))
     split_items = {"val": order[:n_val], "train": order[n_val:]}
     os.makedirs(out, exist_ok=True)
-    _write_json(pending, {"settings": settings})
+    _write_json(os.path.join(out, PENDING), {"settings": settings})
     manifest: dict[str, Any] = {
         "name": "emoji", "version": 1, "settings": settings, "candidates": len(names),
         "counts": {"train": len(split_items["train"]), "val": n_val},
         "skipped": {reason: len(v) for reason, v in skipped.items()}, "skipped_names": skipped, "splits": {},
     }
-    shards = {}
-    for split in ("train", "val"):
-        def make(j: int, split: str = split) -> dict:
-            text, png = kept[split_items[split][j]]
-            meta = {"emoji": text, "codepoints": emoji_set.codepoints(text)}
-            return {"__key__": f"{split}_{j:06d}", "png": png, "txt": names[text],
-                    "json": json.dumps(meta, ensure_ascii=False, sort_keys=True)}
+    def make(split: str, j: int) -> dict:
+        text, png = kept[split_items[split][j]]
+        meta = {"emoji": text, "codepoints": emoji_set.codepoints(text)}
+        return {"__key__": f"{split}_{j:06d}", "png": png, "txt": names[text],
+                "json": json.dumps(meta, ensure_ascii=False, sort_keys=True)}
 
-        shards[split], _ = _write_shards(os.path.join(out, split), len(split_items[split]), shard_size, make,
-                                         progress)
-        first, last = shards[split][0][:-4], shards[split][-1][:-4]
-        manifest["splits"][split] = f"{split}/{{{first}..{last}}}.tar" if first != last else f"{split}/{first}.tar"
-    manifest["shards"] = shards
-    _write_json(manifest_path, manifest)  # last: its presence says the set is complete
-    os.remove(pending)
-    return manifest
+    return _write_splits(out, manifest, {k: len(v) for k, v in split_items.items()}, shard_size, make, progress)
 
 
 # ---- a folder of captioned images ------------------------------------------------------------------------------
