@@ -36,6 +36,16 @@ def square_batch(n: int = 8, size: int = 32, seed: int = 0) -> dict:
     return {"image": images, "caption": captions, "key": [f"{i:04d}" for i in range(n)]}
 
 
+class RepeatBatch(torch.utils.data.IterableDataset):
+    """The same batch ``n`` times: a Trainer.fit on one fixed batch (use with ``DataLoader(batch_size=None)``)."""
+
+    def __init__(self, batch: dict, n: int) -> None:
+        self.batch, self.n = batch, n
+
+    def __iter__(self):
+        return iter([self.batch] * self.n)
+
+
 def tiny_cfg(tmp_path: Optional[str] = None, overrides: tuple = ()) -> DictConfig:
     base = [f"runs_dir={tmp_path}"] if tmp_path else []
     return load_config(_schema(), TINY_YAML, base + list(overrides))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from open_clip import ClipLoss
 from torch.utils.data import DataLoader
 
-from _clip_helpers import one_thread, square_batch, tiny_cfg
+from _clip_helpers import RepeatBatch, one_thread, square_batch, tiny_cfg
 from clip_rank.negatives import flatten_negatives, one_word_swaps
 from clip_rank.training import (ClipModule, HardNegativeClipLoss, hard_negative_scores, make_clip_loss,
                                 negative_mask)
@@ -144,14 +144,6 @@ def test_module_off_by_default_and_negatives_raise_the_training_loss(tmp_path):
         ClipModule(tiny_cfg(str(tmp_path), ["loss.hard_negatives=-1"]))
 
 
-class _Batches(torch.utils.data.IterableDataset):
-    def __init__(self, batch: dict, n: int) -> None:
-        self.batch, self.n = batch, n
-
-    def __iter__(self):
-        return iter([self.batch] * self.n)
-
-
 def test_a_few_steps_with_hard_negatives_reduce_the_loss(tmp_path):
     torch.manual_seed(0)
     steps = 30
@@ -174,8 +166,8 @@ def test_a_few_steps_with_hard_negatives_reduce_the_loss(tmp_path):
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
                          val_check_interval=steps, num_sanity_val_steps=0)
-    trainer.fit(module, train_dataloaders=DataLoader(_Batches(batch, steps), batch_size=None),
-                val_dataloaders=DataLoader(_Batches(batch, 1), batch_size=None))
+    trainer.fit(module, train_dataloaders=DataLoader(RepeatBatch(batch, steps), batch_size=None),
+                val_dataloaders=DataLoader(RepeatBatch(batch, 1), batch_size=None))
     module.eval()
     after = loss_and_acc()
     assert after[0] < before[0] - 0.5 and after[1] > before[1]

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from _clip_helpers import TINY_YAML, one_thread, square_batch, tiny_cfg
+from _clip_helpers import TINY_YAML, RepeatBatch, one_thread, square_batch, tiny_cfg
 from clip_rank.io import PretrainedNotFoundError
 from clip_rank.training import COMPONENT, ClipModule, param_groups, retrieval_metrics
 from launch.schedule import lr_factor
@@ -102,14 +102,6 @@ def test_finetuning_starts_from_saved_weights(tmp_path):
         ClipModule(tiny_cfg(str(tmp_path), [f"model.reconstruct_with={tmp_path}/no_vqgan"]))
 
 
-class _Batches(torch.utils.data.IterableDataset):
-    def __init__(self, batch: dict, n: int) -> None:
-        self.batch, self.n = batch, n
-
-    def __iter__(self):
-        return iter([self.batch] * self.n)
-
-
 def test_a_few_steps_raise_matching_similarity(tmp_path):
     torch.manual_seed(0)
     cfg = tiny_cfg(str(tmp_path), ["trainer.max_steps=30", "optim.warmup_steps=3", "optim.lr=1e-3"])
@@ -120,8 +112,8 @@ def test_a_few_steps_raise_matching_similarity(tmp_path):
     trainer = pl.Trainer(accelerator="cpu", max_steps=30, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
                          val_check_interval=30, num_sanity_val_steps=0)
-    loader = DataLoader(_Batches(batch, 30), batch_size=None)
-    trainer.fit(module, train_dataloaders=loader, val_dataloaders=DataLoader(_Batches(batch, 1), batch_size=None))
+    loader = DataLoader(RepeatBatch(batch, 30), batch_size=None)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=DataLoader(RepeatBatch(batch, 1), batch_size=None))
     module.eval()
     with torch.no_grad():
         after = retrieval_metrics(*module.model(batch["image"], batch["caption"])[:2])
