@@ -105,20 +105,19 @@ class _CachedDecoder:
         src, counts = torch.unique_consecutive(row_source, return_counts=True)
         ends = counts.cumsum(0).tolist()
         self.runs = [(e - c, e, s) for s, c, e in zip(src.tolist(), counts.tolist(), ends)]
-        # q, k and v of the new token in one matmul, the 1/sqrt(hd) score scale folded into q
-        self.qkv = [(torch.cat([l.self_attn.q_proj.weight * self.scale, l.self_attn.k_proj.weight,
-                                l.self_attn.v_proj.weight]),
-                     torch.cat([l.self_attn.q_proj.bias * self.scale, l.self_attn.k_proj.bias,
-                                l.self_attn.v_proj.bias]))
-                    for l in self.layers]
-        self.cross_q = [(l.encoder_attn.q_proj.weight * self.scale, l.encoder_attn.q_proj.bias * self.scale)
-                        for l in self.layers]
         self.dtype = matmul_dtype
 
         def cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return tuple(t.to(matmul_dtype) for t in tensors)
 
-        self.qkv, self.cross_q = [cast(*wb) for wb in self.qkv], [cast(*wb) for wb in self.cross_q]
+        # q, k and v of the new token in one matmul, the 1/sqrt(hd) score scale folded into q
+        self.qkv = [cast(torch.cat([l.self_attn.q_proj.weight * self.scale, l.self_attn.k_proj.weight,
+                                    l.self_attn.v_proj.weight]),
+                         torch.cat([l.self_attn.q_proj.bias * self.scale, l.self_attn.k_proj.bias,
+                                    l.self_attn.v_proj.bias]))
+                    for l in self.layers]
+        self.cross_q = [cast(l.encoder_attn.q_proj.weight * self.scale, l.encoder_attn.q_proj.bias * self.scale)
+                        for l in self.layers]
         self.proj = [{name: cast(lin.weight, lin.bias) for name, lin in (
             ("self_out", l.self_attn.out_proj), ("cross_out", l.encoder_attn.out_proj), ("fc1", l.fc1),
             ("fc2", l.fc2))} for l in self.layers]
