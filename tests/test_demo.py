@@ -31,6 +31,8 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path):
     for split in ("seen", "held_out", "all"):
         s = report["sweep"]["1.0"][split]
         assert 0 <= s["random_all"] <= s["oracle_best_all"] <= 1 and s["clip_best_all"] <= s["oracle_best_all"]
+        assert abs(s["ranking_gain"] - (s["clip_best_all"] - s["random_all"])) < 1e-9
+        assert s["ranking_gain_lo"] <= s["ranking_gain"] <= s["ranking_gain_hi"]
     assert report["sweep"]["1.0"]["seen"]["prompts"] == 3 and report["sweep"]["1.0"]["held_out"]["prompts"] == 3
     assert report["reconstruction"]["images"] > 0 and report["reconstruction"]["psnr"] > 0
     assert report["prior"]["val/loss"] is not None
@@ -40,3 +42,20 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path):
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert rerun.stdout.count("done already") == 7
+
+
+def _prompt(best_correct: bool, correct: int, of: int = 4) -> dict:
+    return {"clip_best": 0, "candidates": [{"all": best_correct}] + [{"all": i < correct} for i in range(of - 1)]}
+
+
+def test_ranking_gain_and_its_bootstrap_interval():
+    from launch.evaluate import ranking_gain
+
+    # every prompt: the CLIP pick is right, 2 of 4 candidates are -> +50 points, no spread
+    assert ranking_gain([_prompt(True, 1)] * 10) == (0.5, 0.5, 0.5)
+    # half the prompts +75, half -25 (the pick is the one wrong candidate): mean +25, an interval around it
+    gain, lo, hi = ranking_gain([_prompt(True, 0), _prompt(False, 1)] * 20)
+    assert abs(gain - 0.25) < 1e-12 and 0.05 < lo < 0.25 < hi < 0.45
+    # more prompts, narrower interval
+    _, lo2, hi2 = ranking_gain([_prompt(True, 0), _prompt(False, 1)] * 200)
+    assert hi2 - lo2 < (hi - lo) / 2
