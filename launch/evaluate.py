@@ -148,8 +148,7 @@ def _markdown(report: dict) -> str:
              "oracle-best (ceiling) |", "|---|---|---|---|---|---|"]
     chosen = report["chosen"]
     for split, s in chosen.items():
-        gain = (f"{100 * s['ranking_gain']:+.1f} ({100 * s['ranking_gain_lo']:+.1f} to {100 * s['ranking_gain_hi']:+.1f})"
-                if "ranking_gain" in s else "n/a")
+        gain = f"{100 * s['ranking_gain']:+.1f} ({100 * s['ranking_gain_lo']:+.1f} to {100 * s['ranking_gain_hi']:+.1f})"
         lines.append(f"| {split} | {s['prompts']} | {_fmt(s['random_all'])} | {_fmt(s['clip_best_all'])} | {gain} | "
                      f"{_fmt(s['oracle_best_all'])} |")
     lines += ["", "Ranking gain: CLIP-best minus random all-correct, in points; the interval is a bootstrap over "
