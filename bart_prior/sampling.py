@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bart_prior.model import PriorModel
+from launch.hardware import bf16_is_fast
 
 
 @dataclass
@@ -31,18 +32,15 @@ class SamplingOptions:
 
 
 def resolve_precision(precision: str, device: torch.device, rows: int = 32) -> str:
-    """'auto' -> 'bf16' where it is faster: CUDA with bf16; AVX512-bf16/AMX CPUs once a decoder batch has at least
-    16 rows (below that the conversions cost more than the bf16 products save: measured 0.66x at 2 rows, 1.1x at
-    32 rows on an AVX512-bf16 EPYC, bench/prior_sampling.py)."""
+    """'auto' -> 'bf16' where it is faster: where bf16 matrix products are fast (launch.hardware), and on CPUs only
+    once a decoder batch has at least 16 rows (below that the conversions cost more than the bf16 products save:
+    measured 0.66x at 2 rows, 1.1x at 32 rows on an AVX512-bf16 EPYC, bench/prior_sampling.py)."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got '{precision}'")
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    fast = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-        getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "bf16" if device.type == "cpu" and fast and rows >= 16 else "fp32"
+    fast = bf16_is_fast(device) and (device.type != "cpu" or rows >= 16)
+    return "bf16" if fast else "fp32"
 
 
 def candidate_seed(seed: int, prompt_index: int, candidate_index: int) -> int:

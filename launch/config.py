@@ -28,7 +28,9 @@ class TrainerConfig:
     devices: Any = 1  # int or "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp
-    precision: str = "32-true"  # 32-true | bf16-mixed | bf16-true | 16-mixed
+    # auto (bf16-mixed where bf16 is fast: bf16 GPUs, AVX512-bf16/AMX CPUs; else 32-true) | 32-true | bf16-mixed
+    # | bf16-true | 16-mixed
+    precision: str = "32-true"
     max_steps: int = 1000
     max_time: Optional[str] = None  # "DD:HH:MM:SS"; training stops cleanly (and exports) when reached
     val_check_interval: int = 200  # optimizer steps between validations

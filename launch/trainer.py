@@ -14,8 +14,10 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
+from pytorch_lightning.utilities import rank_zero_info
 
 from launch.config import ConfigError
+from launch.hardware import resolve_trainer_precision
 from launch.requeue import SlurmRequeue, in_slurm_job
 from launch.run import RunDir
 
@@ -146,6 +148,9 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None,
                ResumableCSVLogger(save_dir=run.root, name="csv", version="",
                                   flush_logs_every_n_steps=tc.log_every_n_steps)]
     plugins: list = [AtomicCheckpointIO()] if strategy == "auto" else []
+    precision = resolve_trainer_precision(tc.precision, _accelerator(tc))
+    if precision != tc.precision:
+        rank_zero_info(f"trainer.precision: {tc.precision} -> {precision} (launch/hardware.py)")
     if in_slurm_job():
         # Lightning's own SIGUSR1 handler saves inside the handler, which can deadlock DDP (see launch/requeue.py)
         from lightning_fabric.plugins.environments import SLURMEnvironment
@@ -154,7 +159,7 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None,
         cbs.append(SlurmRequeue())
     return pl.Trainer(
         accelerator=_accelerator(tc), devices=tc.devices, num_nodes=tc.num_nodes, strategy=strategy,
-        precision=tc.precision, max_steps=tc.max_steps, max_epochs=-1, max_time=tc.max_time,
+        precision=precision, max_steps=tc.max_steps, max_epochs=-1, max_time=tc.max_time,
         val_check_interval=tc.val_check_interval, check_val_every_n_epoch=None,
         limit_val_batches=tc.limit_val_batches, log_every_n_steps=tc.log_every_n_steps,
         accumulate_grad_batches=1 if manual_optimization else tc.accumulate_grad_batches,
