@@ -21,7 +21,7 @@ from bart_prior.shards import check_batch, check_code_shards
 from bart_prior.tokenizer import load_tokenizer
 from launch.components import Component
 from launch.config import ConfigError, RunConfig
-from launch.schedule import lr_factor
+from launch.schedule import budget_spent, lr_factor
 from launch.sharding import ShardedModule
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class OptimConfig:
     weight_decay: float = 0.01  # AdamW only; not applied to biases, norms and embeddings
     warmup_steps: int = 200
     decay: str = "cosine"  # cosine | linear | constant (after warmup), down to lr * min_lr_ratio at max_steps
+    #   (or at the end of trainer.max_time when that ends the run first: launch/schedule.py)
     min_lr_ratio: float = 0.1
 
 
@@ -225,7 +226,8 @@ class PriorModule(ShardedModule):
         else:
             raise ConfigError(f"optim.name must be adamw or adafactor, got '{o.name}'")
         total = max(1, int(self.cfg.trainer.max_steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(o.warmup_steps, total, o.decay, o.min_lr_ratio))
+        factor = lr_factor(o.warmup_steps, total, o.decay, o.min_lr_ratio, budget_spent(self))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def export(self, out_dir: str) -> None:

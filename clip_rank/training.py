@@ -16,7 +16,7 @@ from clip_rank.io import PretrainedNotFoundError, build_clip, resolve_pretrained
 from clip_rank.model import ClipModel, symmetric_infonce
 from clip_rank.negatives import flatten_negatives, one_word_swaps
 from launch.components import Component
-from launch.schedule import lr_factor
+from launch.schedule import budget_spent, lr_factor
 from launch.sharding import ShardedModule
 from launch.config import ConfigError, RunConfig
 
@@ -48,7 +48,7 @@ class ClipOptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     warmup_steps: int = 100
-    total_steps: Optional[int] = None  # cosine horizon; defaults to trainer.max_steps
+    total_steps: Optional[int] = None  # cosine horizon; defaults to trainer.max_steps (trainer.max_time may end it sooner)
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
 
 
@@ -364,7 +364,8 @@ class ClipModule(ShardedModule):
         fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
         total = o.total_steps or self.cfg.trainer.max_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(o.warmup_steps, total, "cosine", o.min_lr_ratio))
+        factor = lr_factor(o.warmup_steps, total, "cosine", o.min_lr_ratio, budget_spent(self))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 

@@ -32,7 +32,9 @@ class TrainerConfig:
     # | bf16-true | 16-mixed
     precision: str = "32-true"
     max_steps: int = 1000
-    max_time: Optional[str] = None  # "DD:HH:MM:SS"; training stops cleanly (and exports) when reached
+    # "DD:HH:MM:SS"; training stops cleanly (and exports) when reached, and the LR decay ends there if it comes
+    # before max_steps
+    max_time: Optional[str] = None
     val_check_interval: int = 200  # optimizer steps between validations
     limit_val_batches: Optional[int] = None
     log_every_n_steps: int = 10

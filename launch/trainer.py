@@ -20,6 +20,7 @@ from launch.config import ConfigError
 from launch.hardware import resolve_trainer_precision
 from launch.requeue import SlurmRequeue, in_slurm_job
 from launch.run import RunDir
+from launch.schedule import TimeBudget
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -142,6 +143,8 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None,
     cbs: list = [checkpoint, RNGStateCheckpoint(), LearningRateMonitor(logging_interval="step"), _TrimLogsOnResume()]
     if tc.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, tc.log_every_n_steps)))
+    if tc.max_time:
+        cbs.append(TimeBudget())  # the schedules anneal by the time budget when it ends the run first
     cbs += callbacks or []
     loggers = [TensorBoardLogger(save_dir=run.root, name="tb", version="", default_hp_metric=False),
                # written at every log step (an append), so a killed run loses no more than its last row

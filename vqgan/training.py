@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from launch.components import Component
-from launch.schedule import lr_factor
+from launch.schedule import budget_spent, lr_factor
 from launch.config import ConfigError, RunConfig
 from launch.images import log_image_grid
 from vqgan.loss import LossConfig, VQLoss
@@ -33,6 +33,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0  # linear warm-up of the autoencoder lr, in generator steps
     decay: str = "constant"  # then cosine | linear | constant, down to lr * min_lr_ratio at trainer.max_steps
+    #   (or at the end of trainer.max_time when that ends the run first: launch/schedule.py)
     min_lr_ratio: float = 0.05
     grad_clip: Optional[float] = 1.0  # max grad norm, autoencoder
     disc_grad_clip: Optional[float] = 1.0  # max grad norm, discriminator
@@ -97,7 +98,8 @@ class VQGANModule(pl.LightningModule):
         betas = tuple(o.betas)
         params = [p for p in self.vqgan.parameters() if p.requires_grad]
         opt_g = torch.optim.Adam(params, lr=o.lr, betas=betas, weight_decay=o.weight_decay)
-        factor = lr_factor(max(0, int(o.warmup_steps)), int(self.cfg.trainer.max_steps), o.decay, o.min_lr_ratio)
+        factor = lr_factor(max(0, int(o.warmup_steps)), int(self.cfg.trainer.max_steps), o.decay, o.min_lr_ratio,
+                           budget_spent(self))
         sched = torch.optim.lr_scheduler.LambdaLR(opt_g, factor)
         optimizers = [opt_g]
         if self.loss.discriminator is not None:
