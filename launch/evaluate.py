@@ -99,9 +99,12 @@ def _summaries(per_prompt: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def generation_eval(pipe: Any, prompts: Sequence[tuple[str, bool]], candidates: int, scale: float, seed: int = 0,
-                    batch_size: int = 64, temperature: float = 1.0,
+                    batch_size: int = 256, temperature: float = 1.0,
                     precision: str = "auto") -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
-    """Oracle scores of every candidate of every prompt at one condition scale and temperature."""
+    """Oracle scores of every candidate of every prompt at one condition scale and temperature.
+
+    ``batch_size``: candidates per decoder batch; with the shapes prior on 2 CPU threads 256 sampled at 41.5 ms per
+    sequence, 128 at 44.6 and 64 at 61.3 (fuller matrix products, fewer Python steps per sequence)."""
     score = _oracle()
     texts = [p for p, _ in prompts]
     # one call for all prompts: the sampler batches candidates of several prompts together
