@@ -1,6 +1,6 @@
 """`make demo`: the whole pipeline on the synthetic shapes set, from nothing to a ranked image grid and a report.
 
-    python -m launch.demo [--out runs/demo] [--preset full|tiny] [--force STAGE ...]
+    python -m launch.demo [--out runs/demo] [--preset full|tiny] [--force STAGE ...] [--time-scale F]
 
 Each stage is the command a user would type (printed before it runs) and is skipped when its output exists, so a
 rerun continues where the last one stopped (a training stage resumes from its last checkpoint).
@@ -31,12 +31,12 @@ class Preset:
     candidates: int = 16
     scales: tuple[float, ...] = (1.0, 2.0, 3.0)
     temperatures: tuple[float, ...] = (1.0, 0.85)  # swept at the best scale (0.7 measured lower: 40.6% vs 41.4%)
+    minutes: dict[str, float] = field(default_factory=dict)  # wall-clock cap per training stage (trainer.max_time)
 
 
 PRESETS = {
     # Budgets are wall-clock caps on this 2-core CPU; max_steps in the configs are what is normally reached first.
-    "full": Preset(samples=24000, vqgan=["trainer.max_time=00:00:10:00"], prior=["trainer.max_time=00:00:09:00"],
-                   clip=["trainer.max_time=00:00:05:00"]),
+    "full": Preset(samples=24000, minutes={"vqgan": 10, "bart_prior": 9, "clip": 5}),
     # Seconds per stage: exercises every stage and file format (the test suite runs it), not quality.
     "tiny": Preset(samples=400, config="tiny", vocab_size=300, eval_prompts=(3, 3), candidates=4, scales=(1.0, 2.0), temperatures=(1.0, 0.7),
                    vqgan=["trainer.max_steps=4", "trainer.val_check_interval=4", "data.batch_size=8"],
@@ -56,8 +56,14 @@ def _exported(run_dir: str) -> bool:
     return os.path.isdir(os.path.join(run_dir, "export"))
 
 
-def stages(out: str, preset: Preset) -> list[tuple[str, Callable[[], bool], list[list[str]]]]:
-    """(name, done?, commands) in order."""
+def max_time(minutes: float) -> str:
+    """Minutes -> trainer.max_time's "DD:HH:MM:SS"."""
+    secs = max(1, round(minutes * 60))
+    return f"{secs // 86400:02d}:{secs // 3600 % 24:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}"
+
+
+def stages(out: str, preset: Preset, time_scale: float = 1.0) -> list[tuple[str, Callable[[], bool], list[list[str]]]]:
+    """(name, done?, commands) in order; ``time_scale`` multiplies the training stages' wall-clock caps."""
     py = sys.executable
     shapes, codes, tok = f"{out}/shapes", f"{out}/codes", f"{out}/tokenizer"
     vq_export = f"{out}/vqgan/export"
@@ -66,8 +72,10 @@ def stages(out: str, preset: Preset) -> list[tuple[str, Callable[[], bool], list
     code_data = [f"data.train={codes}/train/*.tar", f"data.val={codes}/val/*.tar"]
 
     def train(component: str, folder: str, name: str, extra: list[str]) -> list[str]:
+        cap = [f"trainer.max_time={max_time(preset.minutes[component] * time_scale)}"] \
+            if component in preset.minutes else []
         return [py, "train.py", component, "--config", f"configs/{folder}/{preset.config}.yaml", f"name={name}",
-                *common, *extra]
+                *common, *extra, *cap]
 
     return [
         ("shapes", lambda: os.path.exists(f"{shapes}/manifest.json"),
@@ -96,11 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full")
     p.add_argument("--force", nargs="*", default=[], help="rerun these stages even if their output exists")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="multiply the training stages' wall-clock caps (VQGAN 10, prior 9, CLIP 5 minutes): a slower "
+                        "machine buys back quality with time")
     args = p.parse_args(argv)
     out = os.path.abspath(args.out)
     preset = PRESETS[args.preset]
     timings: dict[str, float] = {}
-    for name, done, commands in stages(out, preset):
+    if args.time_scale <= 0:
+        p.error("--time-scale must be positive")
+    for name, done, commands in stages(out, preset, args.time_scale):
         if done() and name not in args.force:
             print(f"[{name}] done already, skipped (--force {name} reruns it)")
             continue

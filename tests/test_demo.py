@@ -59,3 +59,22 @@ def test_ranking_gain_and_its_bootstrap_interval():
     # more prompts, narrower interval
     _, lo2, hi2 = ranking_gain([_prompt(True, 0), _prompt(False, 1)] * 200)
     assert hi2 - lo2 < (hi - lo) / 2
+
+
+def test_time_scale_multiplies_the_training_caps():
+    from launch.demo import PRESETS, max_time, stages
+
+    assert max_time(10) == "00:00:10:00" and max_time(22.5) == "00:00:22:30" and max_time(60 * 25 + 0.5) == "01:01:00:30"
+
+    def caps(scale):
+        found = {}
+        for name, _, commands in stages("/tmp/x", PRESETS["full"], scale):
+            for cmd in commands:
+                found.update({name: a.split("=", 1)[1] for a in cmd if a.startswith("trainer.max_time=")})
+        return found
+
+    assert caps(1.0) == {"vqgan": "00:00:10:00", "bart_prior": "00:00:09:00", "clip": "00:00:05:00"}
+    assert caps(2.5) == {"vqgan": "00:00:25:00", "bart_prior": "00:00:22:30", "clip": "00:00:12:30"}
+    assert caps(1.0).keys() == caps(2.5).keys()
+    tiny = [" ".join(c) for _, _, commands in stages("/tmp/x", PRESETS["tiny"]) for c in commands]
+    assert tiny and not any("max_time" in c for c in tiny)  # the tiny preset stops by steps only
