@@ -35,7 +35,8 @@ class Preset:
 
 
 PRESETS = {
-    # Budgets are wall-clock caps on this 2-core CPU; max_steps in the configs are what is normally reached first.
+    # minutes: wall-clock caps, tuned on a 2-core AVX512 CPU where they end about where the configs' max_steps do;
+    # slower machines stop earlier (and anneal by the cap), --time-scale gives them more.
     "full": Preset(samples=24000, minutes={"vqgan": 10, "bart_prior": 9, "clip": 5}),
     # Seconds per stage: exercises every stage and file format (the test suite runs it), not quality.
     "tiny": Preset(samples=400, config="tiny", vocab_size=300, eval_prompts=(3, 3), candidates=4, scales=(1.0, 2.0), temperatures=(1.0, 0.7),
