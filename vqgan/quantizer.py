@@ -102,6 +102,9 @@ class VectorQuantizer(nn.Module):
                              persistent=False)
         self.register_buffer("hits", torch.zeros(num_codes), persistent=False)
         self._recent_pos, self._recent_filled, self._calls = 0, 0, 0
+        # Restarts draw from their own generator, a function of (run seed, call count): a resumed run makes the same
+        # draws however much the global RNG was used around the resume (a data loader starting, for one).
+        self._seed = torch.initial_seed()
 
     def codebook(self) -> torch.Tensor:
         w = self.embedding.weight
@@ -176,12 +179,33 @@ class VectorQuantizer(nn.Module):
     def _remember(self, flat: torch.Tensor, idx: torch.Tensor) -> None:
         self.hits += torch.bincount(idx, minlength=self.num_codes).float()
         size = self.recent.shape[0]
-        take = flat[torch.randperm(flat.shape[0], device=flat.device)[:size]]
+        take = flat[torch.randperm(flat.shape[0], generator=self._generator(0)).to(flat.device)[:size]]
         n = take.shape[0]
         pos = torch.arange(self._recent_pos, self._recent_pos + n, device=flat.device) % size
         self.recent[pos] = take
         self._recent_pos = (self._recent_pos + n) % size
         self._recent_filled = min(size, self._recent_filled + n)
+
+    def _generator(self, salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self._seed * 1_000_003 + self._calls * 2 + salt) % 2**63)
+
+    def restart_state(self) -> dict:
+        """The dead-code restart bookkeeping (hits since the last check, recent encoder outputs, the call counter):
+        not in the state dict, which exports share with taming, but needed in training checkpoints so a resumed
+        run restarts the same codes at the same step as an uninterrupted one."""
+        return {"seed": self._seed, "calls": self._calls, "recent_pos": self._recent_pos,
+                "recent_filled": self._recent_filled,
+                "hits": self.hits.detach().cpu().clone(), "recent": self.recent.detach().cpu().clone()}
+
+    def load_restart_state(self, state: dict) -> None:
+        if state["recent"].shape != self.recent.shape or state["hits"].shape != self.hits.shape:
+            raise ValueError(f"checkpoint's dead-code restart buffers {tuple(state['recent'].shape)} / "
+                             f"{tuple(state['hits'].shape)} do not fit this quantizer's "
+                             f"{tuple(self.recent.shape)} / {tuple(self.hits.shape)}")
+        self._seed, self._calls = state["seed"], state["calls"]
+        self._recent_pos, self._recent_filled = state["recent_pos"], state["recent_filled"]
+        self.hits.copy_(state["hits"])
+        self.recent.copy_(state["recent"])
 
     @torch.no_grad()
     def restart_dead_codes(self) -> int:
@@ -196,9 +220,11 @@ class VectorQuantizer(nn.Module):
         self.hits.zero_()
         if dead.numel() == 0 or self._recent_filled == 0:
             return 0
-        pick = torch.randint(0, self._recent_filled, (dead.numel(),), device=dead.device)
+        g = self._generator(1)
+        pick = torch.randint(0, self._recent_filled, (dead.numel(),), generator=g).to(dead.device)
         new = self.recent[pick]
-        new = new + 1e-3 * new.std().clamp_min(1e-6) * torch.randn_like(new)  # duplicates must not coincide
+        noise = torch.randn(new.shape, generator=g).to(new)
+        new = new + 1e-3 * new.std().clamp_min(1e-6) * noise  # duplicates must not coincide
         weight = self.embedding.weight
         weight.data[dead] = new.to(weight.dtype)
         if self.ema:

@@ -113,6 +113,13 @@ class VQGANModule(pl.LightningModule):
                               "over cfg.trainer.accumulate_grad_batches itself")
         self.loss.set_max_steps(int(self.trainer.max_steps))
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["quantizer_restart"] = self.vqgan.quantize.restart_state()  # rank 0's, like the RNG states
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "quantizer_restart" in checkpoint:  # absent from checkpoints written before it was saved
+            self.vqgan.quantize.load_restart_state(checkpoint["quantizer_restart"])
+
     def _images(self, batch: dict) -> torch.Tensor:
         x = batch["image"]
         if self.cfg.optim.channels_last:
