@@ -89,8 +89,13 @@ def test_same_seed_same_images_and_batch_size_does_not_matter(bundle):
     b = pipe("a blue square", num_candidates=4, keep=4, seed=3, batch_size=1, progress=False)[0]
     c = pipe("a blue square", num_candidates=4, keep=4, seed=4, batch_size=4, progress=False)[0]
     assert [r.candidate for r in a] == [r.candidate for r in b]
+    # the codes do not depend on the batch size at all; the decoded pixels only up to float rounding, since the
+    # convolution kernels that oneDNN picks depend on the batch size (seen: 1 of 3072 values off by 1 on an AVX2 CPU)
+    codes = [pipe.prior.generate(["a blue square"], 4, seed=3, batch_size=bs) for bs in (4, 1)]
+    assert torch.equal(codes[0], codes[1])
     for x, y in zip(a, b):
-        np.testing.assert_array_equal(np.asarray(x.image), np.asarray(y.image))
+        diff = np.abs(np.asarray(x.image).astype(int) - np.asarray(y.image).astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01
         assert x.score == pytest.approx(y.score, abs=1e-5)
     assert any(not np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, c))
 
