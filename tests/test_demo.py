@@ -38,6 +38,10 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path):
     assert report["prior"]["val/loss"] is not None
     assert Image.open(out / "grid.png").size[0] > 32
     assert "Prompt fidelity" in open(out / "report.md").read()
+    # the prior and CLIP trained side by side, one thread each (2 cores here), each logging to its own file
+    assert "bart_prior and clip side by side" in res.stdout
+    for name in ("bart_prior", "clip"):
+        assert "trainer.num_threads=" in res.stdout and "exported" in (out / "logs" / f"{name}.log").read_text()
 
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -73,8 +77,24 @@ def test_time_scale_multiplies_the_training_caps():
                 found.update({name: a.split("=", 1)[1] for a in cmd if a.startswith("trainer.max_time=")})
         return found
 
-    assert caps(1.0) == {"vqgan": "00:00:10:00", "bart_prior": "00:00:09:00", "clip": "00:00:05:00"}
-    assert caps(2.5) == {"vqgan": "00:00:25:00", "bart_prior": "00:00:22:30", "clip": "00:00:12:30"}
+    assert caps(1.0) == {"vqgan": "00:00:10:00", "bart_prior": "00:00:11:00", "clip": "00:00:11:00"}
+    assert caps(2.5) == {"vqgan": "00:00:25:00", "bart_prior": "00:00:27:30", "clip": "00:00:27:30"}
     assert caps(1.0).keys() == caps(2.5).keys()
     tiny = [" ".join(c) for _, _, commands in stages("/tmp/x", PRESETS["tiny"]) for c in commands]
     assert tiny and not any("max_time" in c for c in tiny)  # the tiny preset stops by steps only
+
+
+def test_side_by_side_stages_split_the_cores_and_report_a_failure(tmp_path, capsys):
+    import pytest
+
+    from launch.demo import _run_side_by_side
+
+    show = "import os, sys; print(os.environ['OMP_NUM_THREADS'], sys.argv[-1])"
+    jobs = {"ok": [sys.executable, "-c", show],
+            "bad": [sys.executable, "-c", show + "; print('boom'); sys.exit(3)"]}
+    with pytest.raises(subprocess.CalledProcessError, match="bad"):
+        _run_side_by_side(jobs, str(tmp_path / "logs"))
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    assert (tmp_path / "logs" / "ok.log").read_text().split() == [threads, f"trainer.num_threads={threads}"]
+    err = capsys.readouterr().err
+    assert "boom" in err and "bad.log" in err and "ok.log" not in err
