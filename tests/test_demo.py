@@ -35,7 +35,7 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path):
         assert s["ranking_gain_lo"] <= s["ranking_gain"] <= s["ranking_gain_hi"]
     assert report["sweep"]["1.0"]["seen"]["prompts"] == 3 and report["sweep"]["1.0"]["held_out"]["prompts"] == 3
     assert report["reconstruction"]["images"] > 0 and report["reconstruction"]["psnr"] > 0
-    assert report["prior"]["val/loss"] is not None
+    assert report["prior"]["val/loss"] is not None and report["timings_s"]["report"] > 0
     assert Image.open(out / "grid.png").size[0] > 32
     assert "Prompt fidelity" in open(out / "report.md").read()
     # the prior and CLIP trained side by side, one thread each (2 cores here), each logging to its own file
