@@ -99,6 +99,29 @@ def _summaries(per_prompt: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _draw(pipe: Any, prompts: Sequence[tuple[str, bool]], candidates: int, scale: Optional[float], seed: int,
+          batch_size: int, temperature: Optional[float], precision: str) -> list[tuple[torch.Tensor, list[dict]]]:
+    """Each prompt's decoded candidates and the oracle's verdict on each."""
+    score = _oracle()
+    # one call for all prompts: the sampler batches candidates of several prompts together
+    codes = pipe.prior.generate([p for p, _ in prompts], num_candidates=candidates, condition_scale=scale, seed=seed,
+                                batch_size=batch_size, temperature=temperature, precision=precision)
+    drawn = []
+    for (prompt, _), prompt_codes in zip(prompts, codes):
+        images = pipe.decode(prompt_codes, batch_size)
+        drawn.append((images, [score(prompt, img) for img in to_uint8(images)]))
+    return drawn
+
+
+def _ranked(ranker: Any, prompts: Sequence[tuple[str, bool]], drawn: list) -> list[dict]:
+    rows = []
+    for (prompt, held_out), (images, verdicts) in zip(prompts, drawn):
+        clip_scores = ranker.score([prompt] * len(images), images)
+        rows.append({"prompt": prompt, "held_out": held_out, "clip_best": int(clip_scores.argmax()),
+                     "clip_scores": clip_scores.tolist(), "candidates": verdicts})
+    return rows
+
+
 def generation_eval(pipe: Any, prompts: Sequence[tuple[str, bool]], candidates: int, scale: float, seed: int = 0,
                     batch_size: int = 256, temperature: float = 1.0,
                     precision: str = "auto") -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
@@ -106,21 +129,27 @@ def generation_eval(pipe: Any, prompts: Sequence[tuple[str, bool]], candidates: 
 
     ``batch_size``: candidates per decoder batch; with the shapes prior on 2 CPU threads 256 sampled at 41.5 ms per
     sequence, 128 at 44.6 and 64 at 61.3 (fuller matrix products, fewer Python steps per sequence)."""
-    score = _oracle()
-    texts = [p for p, _ in prompts]
-    # one call for all prompts: the sampler batches candidates of several prompts together
-    codes = pipe.prior.generate(texts, num_candidates=candidates, condition_scale=scale, seed=seed,
-                                batch_size=batch_size, temperature=temperature, precision=precision)
-    per_prompt, images_by_prompt = [], {}
-    for (prompt, held_out), prompt_codes in zip(prompts, codes):
-        images = pipe.decode(prompt_codes, batch_size)
-        clip_scores = pipe.ranker.score([prompt] * len(images), images)
-        u8 = to_uint8(images)
-        per_prompt.append({"prompt": prompt, "held_out": held_out,
-                           "clip_best": int(clip_scores.argmax()), "clip_scores": clip_scores.tolist(),
-                           "candidates": [score(prompt, img) for img in u8]})
-        images_by_prompt[prompt] = u8[clip_scores.argsort(descending=True)]
+    drawn = _draw(pipe, prompts, candidates, scale, seed, batch_size, temperature, precision)
+    per_prompt = _ranked(pipe.ranker, prompts, drawn)
+    images_by_prompt = {row["prompt"]: to_uint8(images)[torch.tensor(row["clip_scores"]).argsort(descending=True)]
+                        for row, (images, _) in zip(per_prompt, drawn)}
     return _summaries(per_prompt), per_prompt, images_by_prompt
+
+
+def compare_rankers(out: str, clips: Sequence[str], num_seen: int = 64, num_heldout: int = 64, candidates: int = 16,
+                    scale: Optional[float] = None, temperature: Optional[float] = None, seed: int = 0,
+                    batch_size: int = 256) -> dict[str, dict]:
+    """Rank the same candidates with several CLIP export folders: ``out/bundle``'s prior draws them (at its stored
+    defaults unless ``scale``/``temperature`` are given) and the oracle scores them once, so the summaries differ only
+    by the ranker. Returns {clip folder: summaries as in the report}."""
+    from clip_rank import ClipRanker
+    from launch.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(os.path.join(out, "bundle"), load_clip=False)
+    prompts = val_prompts(out, num_seen, num_heldout)
+    drawn = _draw(pipe, prompts, candidates, scale, seed, batch_size, temperature, "auto")
+    return {clip: _summaries(_ranked(ClipRanker.from_pretrained(clip, device=pipe.device), prompts, drawn))
+            for clip in clips}
 
 
 def _last_metrics(run_dir: str, keys: Sequence[str]) -> dict[str, Optional[float]]:
@@ -239,3 +268,29 @@ def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, sca
     with open(os.path.join(out, "report.md"), "w") as fh:
         fh.write(_markdown(report))
     return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Rank one set of demo candidates with several CLIP exports: "
+                                            "python -m launch.evaluate --out runs/demo --clip DIR [DIR ...]")
+    p.add_argument("--out", default="runs/demo", help="a demo folder (bundle/ and shapes/)")
+    p.add_argument("--clip", nargs="+", required=True, help="CLIP export folders (e.g. runs/NAME/export)")
+    p.add_argument("--prompts", type=int, nargs=2, default=[64, 64], metavar=("SEEN", "HELD_OUT"))
+    p.add_argument("--candidates", type=int, default=16)
+    p.add_argument("--condition-scale", type=float)
+    p.add_argument("--temperature", type=float)
+    args = p.parse_args(argv)
+    results = compare_rankers(args.out, args.clip, *args.prompts, candidates=args.candidates,
+                              scale=args.condition_scale, temperature=args.temperature)
+    print("| CLIP | random all-correct | CLIP-best all-correct | ranking gain (95% CI) | oracle-best |\n|---|---|---|---|---|")
+    for clip, summary in results.items():
+        s = summary["all"]
+        print(f"| {clip} | {_fmt(s['random_all'])} | {_fmt(s['clip_best_all'])} | {100 * s['ranking_gain']:+.1f} "
+              f"({100 * s['ranking_gain_lo']:+.1f} to {100 * s['ranking_gain_hi']:+.1f}) | {_fmt(s['oracle_best_all'])} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -43,6 +43,16 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path):
     for name in ("bart_prior", "clip"):
         assert "trainer.num_threads=" in res.stdout and "exported" in (out / "logs" / f"{name}.log").read_text()
 
+    # the same candidates ranked by CLIP exports given by folder: the bundle's own CLIP reproduces the report's sweep
+    from launch.evaluate import compare_rankers, main as evaluate_main
+
+    clips = [str(out / "bundle" / "clip_rank"), str(out / "clip" / "export")]
+    compared = compare_rankers(str(out), clips, 3, 3, candidates=4, scale=1.0, temperature=1.0)
+    for clip in clips:
+        for key in ("random_all", "clip_best_all", "oracle_best_all", "ranking_gain"):
+            assert compared[clip]["all"][key] == report["sweep"]["1.0"]["all"][key], (clip, key)
+    assert evaluate_main(["--out", str(out), "--clip", clips[0], "--prompts", "1", "1", "--candidates", "2"]) == 0
+
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert rerun.stdout.count("done already") == 7
