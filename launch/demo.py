@@ -35,13 +35,13 @@ class Preset:
     minutes: dict[str, float] = field(default_factory=dict)  # wall-clock cap per training stage (trainer.max_time)
     # Stages that need only earlier outputs, not each other, run at the same time with the cores split between them:
     # the prior and CLIP both wait only for the VQGAN. On 2 CPU cores the small CLIP ran 1.9 steps/s on one thread
-    # and 2.3 on two, so sharing the cores nearly doubles its steps for a third fewer prior steps (README, demo).
+    # and 2.3 on two, while the prior keeps about 60% of its two-thread rate on one (README, demo).
     side_by_side: tuple[str, ...] = ("bart_prior", "clip")
 
 
 PRESETS = {
-    # minutes: wall-clock caps, tuned on a 2-core AVX512 CPU where they end about where the configs' max_steps do;
-    # slower machines stop earlier (and anneal by the cap), --time-scale gives them more.
+    # minutes: wall-clock caps, set so the whole demo takes about 30 minutes on a 2-core AVX2 CPU (session 5); each
+    # run anneals by its cap or its config's max_steps, whichever ends it first; --time-scale gives slower machines more.
     "full": Preset(samples=24000, minutes={"vqgan": 10, "bart_prior": 11, "clip": 11}),
     # Seconds per stage: exercises every stage and file format (the test suite runs it), not quality.
     "tiny": Preset(samples=400, config="tiny", vocab_size=300, eval_prompts=(3, 3), candidates=4, scales=(1.0, 2.0), temperatures=(1.0, 0.7),

@@ -100,8 +100,10 @@ def _summaries(per_prompt: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def _draw(pipe: Any, prompts: Sequence[tuple[str, bool]], candidates: int, scale: Optional[float], seed: int,
-          batch_size: int, temperature: Optional[float], precision: str) -> list[tuple[torch.Tensor, list[dict]]]:
-    """Each prompt's decoded candidates and the oracle's verdict on each."""
+          batch_size: int, temperature: Optional[float],
+          precision: str) -> list[tuple[torch.Tensor, torch.Tensor, list[dict]]]:
+    """Each prompt's decoded candidates (float in [-1, 1] for CLIP, uint8 for the oracle and grids) and the oracle's
+    verdict on each."""
     score = _oracle()
     # one call for all prompts: the sampler batches candidates of several prompts together
     codes = pipe.prior.generate([p for p, _ in prompts], num_candidates=candidates, condition_scale=scale, seed=seed,
@@ -109,13 +111,14 @@ def _draw(pipe: Any, prompts: Sequence[tuple[str, bool]], candidates: int, scale
     drawn = []
     for (prompt, _), prompt_codes in zip(prompts, codes):
         images = pipe.decode(prompt_codes, batch_size)
-        drawn.append((images, [score(prompt, img) for img in to_uint8(images)]))
+        u8 = to_uint8(images)
+        drawn.append((images, u8, [score(prompt, img) for img in u8]))
     return drawn
 
 
 def _ranked(ranker: Any, prompts: Sequence[tuple[str, bool]], drawn: list) -> list[dict]:
     rows = []
-    for (prompt, held_out), (images, verdicts) in zip(prompts, drawn):
+    for (prompt, held_out), (images, _, verdicts) in zip(prompts, drawn):
         clip_scores = ranker.score([prompt] * len(images), images)
         rows.append({"prompt": prompt, "held_out": held_out, "clip_best": int(clip_scores.argmax()),
                      "clip_scores": clip_scores.tolist(), "candidates": verdicts})
@@ -131,8 +134,8 @@ def generation_eval(pipe: Any, prompts: Sequence[tuple[str, bool]], candidates: 
     sequence, 128 at 44.6 and 64 at 61.3 (fuller matrix products, fewer Python steps per sequence)."""
     drawn = _draw(pipe, prompts, candidates, scale, seed, batch_size, temperature, precision)
     per_prompt = _ranked(pipe.ranker, prompts, drawn)
-    images_by_prompt = {row["prompt"]: to_uint8(images)[torch.tensor(row["clip_scores"]).argsort(descending=True)]
-                        for row, (images, _) in zip(per_prompt, drawn)}
+    images_by_prompt = {row["prompt"]: u8[torch.tensor(row["clip_scores"]).argsort(descending=True)]
+                        for row, (_, u8, _) in zip(per_prompt, drawn)}
     return _summaries(per_prompt), per_prompt, images_by_prompt
 
 
