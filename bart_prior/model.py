@@ -80,7 +80,7 @@ class PriorConfig:
 # DALL·E Mini/Mega sizes (ANCHORS.md). GLU feed-forwards are replaced by plain GELU ones of equal parameter count.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=32, encoder_layers=1, decoder_layers=2, attention_heads=2, ffn_dim=64),
-    "shapes": dict(d_model=128, encoder_layers=3, decoder_layers=3, attention_heads=4, ffn_dim=512),
+    "shapes": dict(d_model=128, encoder_layers=3, decoder_layers=3, attention_heads=2, ffn_dim=512),
     "mini": dict(d_model=1024, encoder_layers=12, decoder_layers=12, attention_heads=16, ffn_dim=4096,
                  codebook_size=16384, grid=[16, 16], text_vocab_size=50264, max_text_length=64),
     "mega": dict(d_model=2048, encoder_layers=24, decoder_layers=24, attention_heads=32, ffn_dim=6144,

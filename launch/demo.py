@@ -13,6 +13,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,18 +32,24 @@ class Preset:
     eval_prompts: tuple[int, int] = (64, 64)  # seen, held-out (fewer made the shares swing by 10+ points)
     candidates: int = 16
     scales: tuple[float, ...] = (1.0, 2.0, 3.0)
-    temperatures: tuple[float, ...] = (1.0, 0.85)  # swept at the best scale (0.7 measured lower: 40.6% vs 41.4%)
+    # the first is the scale sweep's; the others are tried at the best scale. The full demo samples at 0.85 only: it
+    # was chosen over 1.0 in 4 of 6 demo runs (sessions 3-5; 76.6% vs 70.3% CLIP-best in session 3) and tied once,
+    # and a second temperature costs a minute of report time that the training stages now get
+    temperatures: tuple[float, ...] = (0.85,)
     minutes: dict[str, float] = field(default_factory=dict)  # wall-clock cap per training stage (trainer.max_time)
-    # Stages that need only earlier outputs, not each other, run at the same time with the cores split between them:
-    # the prior and CLIP both wait only for the VQGAN. On 2 CPU cores the small CLIP ran 1.9 steps/s on one thread
-    # and 2.3 on two, while the prior keeps about 60% of its two-thread rate on one (README, demo).
-    side_by_side: tuple[str, ...] = ("bart_prior", "clip")
+    # Lanes of consecutive stages that need only earlier outputs, not each other, run at the same time with the cores
+    # split between them, each lane's stages in order: after the VQGAN, one lane encodes the code shards, trains the
+    # tokenizer and then the prior on both, the other trains CLIP (it needs only the VQGAN). On 2 CPU cores the
+    # small CLIP ran 1.9 steps/s on one thread and 2.3 on two, and the prior keeps about 60% of its two-thread rate.
+    lanes: tuple[tuple[str, ...], ...] = (("encode", "tokenizer", "bart_prior"), ("clip",))
 
 
 PRESETS = {
-    # minutes: wall-clock caps, set so the whole demo takes about 30 minutes on a 2-core AVX2 CPU (session 5); each
-    # run anneals by its cap or its config's max_steps, whichever ends it first; --time-scale gives slower machines more.
-    "full": Preset(samples=24000, minutes={"vqgan": 10, "bart_prior": 11, "clip": 11}),
+    # minutes: wall-clock caps, set so the whole demo takes under 30 minutes on a 2-core AVX2 CPU (session 6: the
+    # prior's lane first spends ~2.5 minutes encoding on one thread, so CLIP's cap is longer and both lanes end
+    # together); each run anneals by its cap or its config's max_steps, whichever ends it first; --time-scale gives
+    # slower machines more.
+    "full": Preset(samples=24000, minutes={"vqgan": 10, "bart_prior": 10.5, "clip": 13}),
     # Seconds per stage: exercises every stage and file format (the test suite runs it), not quality.
     "tiny": Preset(samples=400, config="tiny", vocab_size=300, eval_prompts=(3, 3), candidates=4, scales=(1.0, 2.0), temperatures=(1.0, 0.7),
                    vqgan=["trainer.max_steps=4", "trainer.val_check_interval=4", "data.batch_size=8"],
@@ -62,27 +69,50 @@ def _run(cmd: list[str]) -> None:
     print(f"  ({time.time() - t0:.0f} s)", flush=True)
 
 
-def _run_side_by_side(jobs: dict[str, list[str]], log_dir: str) -> dict[str, float]:
-    """Run one command per stage at the same time, the CPU cores split evenly; each writes ``log_dir/NAME.log``.
-    Returns each stage's seconds; a failure shows the end of its log and raises."""
-    threads = max(1, (os.cpu_count() or 1) // len(jobs))
+def _with_threads(cmd: list[str], threads: int) -> list[str]:
+    """Show the thread count on the command line where the command takes one (the environment sets it anyway)."""
+    if cmd[1:2] == ["train.py"]:
+        return [*cmd, f"trainer.num_threads={threads}"]
+    if cmd[1:3] == ["-m", "vqgan.encode"]:
+        return [*cmd, "--threads", str(threads)]
+    return cmd
+
+
+def _run_lanes(lanes: list[list[tuple[str, list[list[str]]]]], log_dir: str) -> dict[str, float]:
+    """Run the lanes at the same time, the CPU cores split evenly between them; a lane runs its stages one after the
+    other, each stage's output in ``log_dir/STAGE.log``. Returns each stage's seconds. A failed stage ends its lane;
+    once every lane has ended, the end of each failed stage's log is shown and CalledProcessError raised."""
+    threads = max(1, (os.cpu_count() or 1) // len(lanes))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     os.makedirs(log_dir, exist_ok=True)
-    running, t0 = {}, time.time()
-    for name, cmd in jobs.items():
-        cmd = [*cmd, f"trainer.num_threads={threads}"]
-        log = os.path.join(log_dir, f"{name}.log")
-        print(f"\n$ {_show(cmd)} > {log} 2>&1", flush=True)
-        with open(log, "w") as fh:
-            running[name] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    print(f"  {' and '.join(jobs)} side by side, {threads} thread(s) each (follow with tail -f {log_dir}/*.log)",
-          flush=True)
-    seconds, failed = {}, []
-    for name, proc in running.items():
-        if proc.wait() != 0:
-            failed.append(name)
-        seconds[name] = round(time.time() - t0, 1)
-        print(f"  [{name}] finished ({seconds[name]:.0f} s, exit {proc.returncode})", flush=True)
+    seconds: dict[str, float] = {}
+    failed: list[str] = []
+
+    def run_lane(lane: list[tuple[str, list[list[str]]]]) -> None:
+        for name, commands in lane:
+            log, t0, code = os.path.join(log_dir, f"{name}.log"), time.time(), 0
+            with open(log, "w") as fh:
+                for cmd in commands:
+                    cmd = _with_threads(cmd, threads)
+                    print(f"\n$ {_show(cmd)} >> {log} 2>&1", flush=True)
+                    fh.write(f"$ {_show(cmd)}\n")
+                    fh.flush()
+                    code = subprocess.run(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+                    if code != 0:
+                        break
+            seconds[name] = round(time.time() - t0, 1)
+            print(f"  [{name}] finished ({seconds[name]:.0f} s, exit {code})", flush=True)
+            if code != 0:
+                failed.append(name)
+                return
+
+    workers = [threading.Thread(target=run_lane, args=(lane,)) for lane in lanes]
+    print("  side by side, {} thread(s) each: {} (follow with tail -f {}/*.log)".format(
+        threads, "; ".join(" then ".join(n for n, _ in lane) for lane in lanes), log_dir), flush=True)
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
     for name in failed:
         with open(os.path.join(log_dir, f"{name}.log"), errors="replace") as fh:
             tail = fh.read()[-3000:]
@@ -159,15 +189,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] done already, skipped (--force {name} reruns it)")
         else:
             todo.append((name, commands))
-    together = {name: commands[0] for name, commands in todo
-                if name in preset.side_by_side and len(commands) == 1}
-    if len(together) < 2:
-        together = {}
+    names = [name for name, _ in todo]
+    lanes = [[(name, dict(todo)[name]) for name in lane if name in names] for lane in preset.lanes]
+    lanes = [lane for lane in lanes if lane] if sum(1 for lane in lanes if lane) > 1 else []
+    in_lanes = {name for lane in lanes for name, _ in lane}
+    if in_lanes and max(names.index(n) for n in in_lanes) - min(names.index(n) for n in in_lanes) >= len(in_lanes):
+        raise SystemExit(f"demo preset: the stages of the lanes {preset.lanes} must be consecutive")
     for name, commands in todo:
-        if name in together:
-            if name == next(iter(together)):
-                print(f"\n[{' + '.join(together)}]", flush=True)
-                timings.update(_run_side_by_side(together, os.path.join(out, "logs")))
+        if name in in_lanes:
+            if name == min(in_lanes, key=names.index):
+                print(f"\n[{' | '.join(' -> '.join(n for n, _ in lane) for lane in lanes)}]", flush=True)
+                timings.update(_run_lanes(lanes, os.path.join(out, "logs")))
             continue
         print(f"\n[{name}]", flush=True)
         t0 = time.time()

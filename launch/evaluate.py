@@ -83,6 +83,24 @@ def ranking_gain(rows: Sequence[dict], resamples: int = 2000, seed: int = 0) -> 
     return float(gain.mean()), float(lo), float(hi)
 
 
+def candidates_curve(per_prompt: Sequence[dict], ks: Sequence[int]) -> dict[str, dict[str, dict[str, float]]]:
+    """All-correct of the CLIP pick and of the best candidate when only the first k of each prompt's candidates had
+    been drawn (per-candidate seeds: the first k of N are exactly what a k-candidate run draws).
+    Returns {str(k): {split: {"clip_best_all", "oracle_best_all"}}}."""
+    curve = {}
+    for k in ks:
+        by_split = {}
+        for split, keep in (("seen", False), ("held_out", True), ("all", None)):
+            rows = [p for p in per_prompt if keep is None or p["held_out"] == keep]
+            if rows:
+                by_split[split] = {
+                    "clip_best_all": float(np.mean([p["candidates"][int(np.argmax(p["clip_scores"][:k]))]["all"]
+                                                    for p in rows])),
+                    "oracle_best_all": float(np.mean([any(c["all"] for c in p["candidates"][:k]) for p in rows]))}
+        curve[str(k)] = by_split
+    return curve
+
+
 def _summaries(per_prompt: list[dict]) -> dict[str, dict[str, float]]:
     out = {}
     for split, keep in (("seen", False), ("held_out", True), ("all", None)):
@@ -178,7 +196,8 @@ def _fmt(x: Optional[float], pct: bool = True) -> str:
 def _markdown(report: dict) -> str:
     lines = ["# Demo report: text-to-image on the shapes set", "",
              f"Chosen: condition scale **{report['condition_scale']}**, temperature **{report['temperature']}** (best "
-             "CLIP-ranked all-correct over all prompts in the sweeps; stored as the bundle prior's defaults).", "",
+             "CLIP-ranked all-correct over all prompts in the sweeps; stored as the bundle prior's defaults), "
+             f"{report['candidates']} candidates per prompt.", "",
              "## Prompt fidelity (shapes oracle), chosen settings", "",
              "| split | prompts | random all-correct | CLIP-best all-correct | ranking gain (95% CI) | "
              "oracle-best (ceiling) |", "|---|---|---|---|---|---|"]
@@ -194,7 +213,7 @@ def _markdown(report: dict) -> str:
     for split, s in chosen.items():
         cells = [f"{_fmt(s[f'clip_best_{a}'])} ({_fmt(s[f'random_{a}'])})" for a in ATTRIBUTES]
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
-    lines += ["", "## Condition-scale sweep (all prompts)", "",
+    lines += ["", f"## Condition-scale sweep at temperature {next(iter(report['temperature_sweep']))} (all prompts)", "",
               "| scale | random all-correct | CLIP-best all-correct | oracle-best |", "|---|---|---|---|"]
     for scale, sw in report["sweep"].items():
         s = sw["all"]
@@ -205,6 +224,14 @@ def _markdown(report: dict) -> str:
     for t, sw in report["temperature_sweep"].items():
         s = sw["all"]
         lines.append(f"| {t} | {_fmt(s['random_all'])} | {_fmt(s['clip_best_all'])} | {_fmt(s['oracle_best_all'])} |")
+    if report.get("candidates_curve"):
+        lines += ["", "## Candidates per prompt, chosen settings (the first k of each prompt's candidates)", "",
+                  "| k | CLIP-best seen | CLIP-best held-out | CLIP-best all | oracle-best all |", "|---|---|---|---|---|"]
+        for k, c in report["candidates_curve"].items():
+            lines.append(f"| {k} | {_fmt(c['seen']['clip_best_all'])} | {_fmt(c['held_out']['clip_best_all'])} | "
+                         f"{_fmt(c['all']['clip_best_all'])} | {_fmt(c['all']['oracle_best_all'])} |")
+        lines += ["", "Where CLIP-best flattens while oracle-best still climbs, the ranker, not the number of "
+                  "candidates, is the limit."]
     r = report["reconstruction"]
     lines += ["", "## Components", "",
               f"- VQGAN reconstructions of {r['images']} val images: oracle all-correct {_fmt(r['oracle_all_correct'])}"
@@ -233,7 +260,8 @@ def set_sampling_defaults(prior_dir: str, scale: float, temperature: float) -> N
 
 def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, scales: Sequence[float],
                  temperatures: Sequence[float] = (1.0,), timings: Optional[dict] = None, seed: int = 0) -> dict:
-    """Evaluate the bundle in ``out/bundle``; write report.json, report.md and grid.png into ``out``.
+    """Evaluate the bundle in ``out/bundle``; write report.json, report.md and grid.png into ``out``. The scale sweep
+    samples at ``temperatures[0]``; the other temperatures are then tried at the best scale.
     ``timings``: seconds per stage run before; the report adds its own."""
     from launch.pipeline import Pipeline
 
@@ -242,20 +270,25 @@ def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, sca
     prompts = val_prompts(out, num_seen, num_heldout)
     recon = reconstruction_eval(pipe.vqgan, os.path.join(out, "shapes", "val", "*.tar"), pipe.vqgan.image_size)
     sweep, details, grids = {}, {}, {}
+    base_t = float(temperatures[0])  # the scale sweep's temperature; the others are tried at the best scale
     for scale in scales:
         sweep[str(scale)], details[str(scale)], grids[str(scale)] = generation_eval(pipe, prompts, candidates, scale,
-                                                                                     seed=seed)
+                                                                                     seed=seed, temperature=base_t)
     best = max(scales, key=lambda s: (sweep[str(s)]["all"]["clip_best_all"], -s))
-    # then the temperature at that scale (1.0 is the scale sweep's own run)
-    t_sweep, t_grids = {"1.0": sweep[str(best)]}, {"1.0": grids[str(best)]}
-    for t in temperatures:
-        if float(t) != 1.0:
-            t_sweep[str(t)], details[f"{best}@T{t}"], t_grids[str(t)] = generation_eval(
+    t_sweep, t_grids, t_rows = {str(base_t): sweep[str(best)]}, {str(base_t): grids[str(best)]}, {
+        str(base_t): details[str(best)]}
+    for t in temperatures[1:]:
+        if float(t) != base_t:
+            t_sweep[str(float(t))], t_rows[str(float(t))], t_grids[str(float(t))] = generation_eval(
                 pipe, prompts, candidates, best, seed=seed, temperature=float(t))
+            details[f"{best}@T{float(t)}"] = t_rows[str(float(t))]
     best_t = max(t_sweep, key=lambda t: (t_sweep[t]["all"]["clip_best_all"], float(t)))
+    chosen_rows = t_rows[best_t]
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k < candidates} | {candidates})
     set_sampling_defaults(os.path.join(out, "bundle", "bart_prior"), best, float(best_t))
     report = {"condition_scale": best, "temperature": float(best_t), "chosen": t_sweep[best_t],
               "temperature_sweep": t_sweep, "candidates": candidates, "seed": seed, "sweep": sweep,
+              "candidates_curve": candidates_curve(chosen_rows, ks),
               "reconstruction": recon,
               "prior": _last_metrics(os.path.join(out, "bart_prior"), ["val/loss", "val/perplexity"]),
               "clip": _last_metrics(os.path.join(out, "clip"), ["val/t2i_R@1", "val/i2t_R@1"]),

@@ -37,11 +37,15 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path):
     assert report["reconstruction"]["images"] > 0 and report["reconstruction"]["psnr"] > 0
     assert report["prior"]["val/loss"] is not None and report["timings_s"]["report"] > 0
     assert Image.open(out / "grid.png").size[0] > 32
+    assert set(report["candidates_curve"]) == {"1", "2", "4"}  # tiny preset: 4 candidates
+    assert report["candidates_curve"]["4"]["all"]["clip_best_all"] == report["chosen"]["all"]["clip_best_all"]
     assert "Prompt fidelity" in open(out / "report.md").read()
-    # the prior and CLIP trained side by side, one thread each (2 cores here), each logging to its own file
-    assert "bart_prior and clip side by side" in res.stdout
+    # two lanes side by side, one thread each (2 cores here): encode -> tokenizer -> prior, and CLIP; a log per stage
+    assert "[encode -> tokenizer -> bart_prior | clip]" in res.stdout
+    assert "trainer.num_threads=" in res.stdout and "--threads" in res.stdout
     for name in ("bart_prior", "clip"):
-        assert "trainer.num_threads=" in res.stdout and "exported" in (out / "logs" / f"{name}.log").read_text()
+        assert "exported" in (out / "logs" / f"{name}.log").read_text()
+    assert "code shards in" in (out / "logs" / "encode.log").read_text()
 
     # the same candidates ranked by CLIP exports given by folder: the bundle's own CLIP reproduces the report's sweep
     from launch.evaluate import compare_rankers, main as evaluate_main
@@ -75,6 +79,19 @@ def test_ranking_gain_and_its_bootstrap_interval():
     assert hi2 - lo2 < (hi - lo) / 2
 
 
+def test_candidates_curve_ranks_within_the_first_k():
+    from launch.evaluate import candidates_curve
+
+    # prompt 1: only candidate 2 is right and CLIP likes it best; prompt 2 (held out): candidate 0 is right, but CLIP
+    # prefers candidate 3 once it is drawn
+    rows = [{"held_out": False, "clip_scores": [0.1, 0.2, 0.9, 0.0], "candidates": [{"all": i == 2} for i in range(4)]},
+            {"held_out": True, "clip_scores": [0.5, 0.1, 0.2, 0.8], "candidates": [{"all": i == 0} for i in range(4)]}]
+    curve = candidates_curve(rows, [1, 2, 3, 4])
+    assert [curve[k]["seen"]["clip_best_all"] for k in "1234"] == [0.0, 0.0, 1.0, 1.0]
+    assert [curve[k]["held_out"]["clip_best_all"] for k in "1234"] == [1.0, 1.0, 1.0, 0.0]
+    assert [curve[k]["all"]["oracle_best_all"] for k in "1234"] == [0.5, 0.5, 1.0, 1.0]
+
+
 def test_time_scale_multiplies_the_training_caps():
     from launch.demo import PRESETS, max_time, stages
 
@@ -87,24 +104,36 @@ def test_time_scale_multiplies_the_training_caps():
                 found.update({name: a.split("=", 1)[1] for a in cmd if a.startswith("trainer.max_time=")})
         return found
 
-    assert caps(1.0) == {"vqgan": "00:00:10:00", "bart_prior": "00:00:11:00", "clip": "00:00:11:00"}
-    assert caps(2.5) == {"vqgan": "00:00:25:00", "bart_prior": "00:00:27:30", "clip": "00:00:27:30"}
+    assert caps(1.0) == {"vqgan": "00:00:10:00", "bart_prior": "00:00:10:30", "clip": "00:00:13:00"}
+    assert caps(2.5) == {"vqgan": "00:00:25:00", "bart_prior": "00:00:26:15", "clip": "00:00:32:30"}
     assert caps(1.0).keys() == caps(2.5).keys()
     tiny = [" ".join(c) for _, _, commands in stages("/tmp/x", PRESETS["tiny"]) for c in commands]
     assert tiny and not any("max_time" in c for c in tiny)  # the tiny preset stops by steps only
 
 
-def test_side_by_side_stages_split_the_cores_and_report_a_failure(tmp_path, capsys):
+def test_lanes_split_the_cores_run_in_order_and_report_a_failure(tmp_path, capsys):
     import pytest
 
-    from launch.demo import _run_side_by_side
+    from launch.demo import _run_lanes
 
-    show = "import os, sys; print(os.environ['OMP_NUM_THREADS'], sys.argv[-1])"
-    jobs = {"ok": [sys.executable, "-c", show],
-            "bad": [sys.executable, "-c", show + "; print('boom'); sys.exit(3)"]}
+    show = "import os, sys, time; print(os.environ['OMP_NUM_THREADS'], sys.argv[-1], time.time())"
+    lanes = [[("first", [[sys.executable, "-c", show, "a"]]), ("second", [[sys.executable, "-c", show, "b"]])],
+             [("bad", [[sys.executable, "-c", show + "; print('boom'); sys.exit(3)"]]),
+              ("after_bad", [[sys.executable, "-c", show]])]]
     with pytest.raises(subprocess.CalledProcessError, match="bad"):
-        _run_side_by_side(jobs, str(tmp_path / "logs"))
+        _run_lanes(lanes, str(tmp_path / "logs"))
     threads = str(max(1, (os.cpu_count() or 1) // 2))
-    assert (tmp_path / "logs" / "ok.log").read_text().split() == [threads, f"trainer.num_threads={threads}"]
+    first, second = ((tmp_path / "logs" / f"{n}.log").read_text().splitlines()[-1].split() for n in ("first", "second"))
+    assert first[:2] == [threads, "a"] and second[:2] == [threads, "b"]
+    assert float(first[2]) < float(second[2])  # a lane runs its stages in order
+    assert not (tmp_path / "logs" / "after_bad.log").exists()  # a failure ends its lane
     err = capsys.readouterr().err
-    assert "boom" in err and "bad.log" in err and "ok.log" not in err
+    assert "boom" in err and "bad.log" in err and "first.log" not in err
+
+
+def test_with_threads_shows_the_thread_count_where_a_command_takes_one():
+    from launch.demo import _with_threads
+
+    assert _with_threads(["py", "train.py", "clip"], 1)[-1] == "trainer.num_threads=1"
+    assert _with_threads(["py", "-m", "vqgan.encode", "--model", "m"], 2)[-2:] == ["--threads", "2"]
+    assert _with_threads(["touch", "x"], 1) == ["touch", "x"]

@@ -75,7 +75,8 @@ def encode_shard(model: VQGAN, shard: str, out_dir: str, rank: int, index: int, 
     return n
 
 
-def run_rank(rank: int, world: int, model_dir: str, shards: list[str], out_dir: str, batch_size: int) -> int:
+def run_rank(rank: int, world: int, model_dir: str, shards: list[str], out_dir: str, batch_size: int,
+             threads: Optional[int] = None) -> int:
     from tqdm import tqdm
 
     from data import count_samples
@@ -84,7 +85,7 @@ def run_rank(rank: int, world: int, model_dir: str, shards: list[str], out_dir: 
         device = torch.device("cuda", rank % torch.cuda.device_count())
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
     model = VQGAN.from_pretrained(model_dir).to(device).eval()
     if model.config.num_codes > 65536:
         raise EncodeError(f"{model.config.num_codes} codes do not fit the uint16 code shards")
@@ -103,22 +104,25 @@ def _spawned(rank: int, world: int, *args) -> None:
     run_rank(rank, world, *args)
 
 
-def encode(model_dir: str, pattern: str, out_dir: str, devices: int = 1, batch_size: int = 64) -> list[str]:
-    """Encode all shards of ``pattern``; returns the output shard paths (sorted)."""
+def encode(model_dir: str, pattern: str, out_dir: str, devices: int = 1, batch_size: int = 64,
+           threads: Optional[int] = None) -> list[str]:
+    """Encode all shards of ``pattern``; returns the output shard paths (sorted). ``threads``: torch threads per CPU
+    process (default: the cores split evenly between the processes)."""
     from data import expand_pattern
 
-    if devices < 1 or batch_size < 1:
-        raise EncodeError("--devices and --batch-size must be >= 1")
+    if devices < 1 or batch_size < 1 or (threads is not None and threads < 1):
+        raise EncodeError("--devices, --batch-size and --threads must be >= 1")
     shards = expand_pattern(pattern)
     os.makedirs(out_dir, exist_ok=True)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # torchrun / srun: one rank per process
-        run_rank(int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"]), model_dir, shards, out_dir, batch_size)
+        run_rank(int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"]), model_dir, shards, out_dir, batch_size,
+                 threads)
     elif devices == 1:
-        run_rank(0, 1, model_dir, shards, out_dir, batch_size)
+        run_rank(0, 1, model_dir, shards, out_dir, batch_size, threads)
     else:
         import torch.multiprocessing as mp
 
-        mp.spawn(_spawned, args=(devices, model_dir, shards, out_dir, batch_size), nprocs=devices, join=True)
+        mp.spawn(_spawned, args=(devices, model_dir, shards, out_dir, batch_size, threads), nprocs=devices, join=True)
     return sorted(glob.glob(os.path.join(out_dir, "rank*-??????.tar")))
 
 
@@ -129,9 +133,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--output", required=True, help="folder for the code shards")
     ap.add_argument("--devices", type=int, default=1, help="local worker processes (one per GPU)")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, help="torch threads per CPU process (default: cores / processes)")
     args = ap.parse_args(argv)
     try:
-        out = encode(args.model, args.input, args.output, args.devices, args.batch_size)
+        out = encode(args.model, args.input, args.output, args.devices, args.batch_size, args.threads)
     except (EncodeError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
