@@ -3,8 +3,9 @@
     python -m launch.demo [--out runs/demo] [--preset full|tiny] [--force STAGE ...] [--time-scale F]
 
 Each stage is the command a user would type (printed before it runs) and is skipped when its output exists, so a
-rerun continues where the last one stopped (a training stage resumes from its last checkpoint). The prior and CLIP
-train at the same time, each on half the cores, their output in OUT/logs/.
+rerun continues where the last one stopped (a training stage resumes from its last checkpoint). After the VQGAN two
+lanes run at the same time, each on half the cores (encode -> tokenizer -> prior, and CLIP), their output in
+OUT/logs/STAGE.log.
 """
 from __future__ import annotations
 
