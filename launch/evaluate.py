@@ -6,7 +6,8 @@ which attributes each candidate got right. Reported per attribute and all-correc
   clip_best   the candidate CLIP ranks first (what generate.py returns),
   oracle_best whether any candidate is all-correct (the ceiling of ranking),
 plus the oracle on VQGAN reconstructions of val images (the ceiling of the whole pipeline), for a sweep of the
-condition scale, from which the default scale is chosen.
+condition scale, from which the default scale is chosen, and clip_best / oracle_best among the first k candidates
+(the candidates curve: is the number of candidates or the ranker the limit?).
 """
 from __future__ import annotations
 
@@ -81,6 +82,11 @@ def ranking_gain(rows: Sequence[dict], resamples: int = 2000, seed: int = 0) -> 
     draws = np.random.default_rng(seed).integers(0, len(gain), size=(resamples, len(gain)))
     lo, hi = np.percentile(gain[draws].mean(1), [2.5, 97.5])
     return float(gain.mean()), float(lo), float(hi)
+
+
+def curve_points(candidates: int) -> list[int]:
+    """The k of a candidates curve: powers of two below ``candidates``, then ``candidates``."""
+    return sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k < candidates} | {candidates})
 
 
 def candidates_curve(per_prompt: Sequence[dict], ks: Sequence[int]) -> dict[str, dict[str, dict[str, float]]]:
@@ -162,15 +168,18 @@ def compare_rankers(out: str, clips: Sequence[str], num_seen: int = 64, num_held
                     batch_size: int = 256) -> dict[str, dict]:
     """Rank the same candidates with several CLIP export folders: ``out/bundle``'s prior draws them (at its stored
     defaults unless ``scale``/``temperature`` are given) and the oracle scores them once, so the summaries differ only
-    by the ranker. Returns {clip folder: summaries as in the report}."""
+    by the ranker. Returns {clip folder: summaries as in the report, plus its candidates curve}."""
     from clip_rank import ClipRanker
     from launch.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(os.path.join(out, "bundle"), load_clip=False)
     prompts = val_prompts(out, num_seen, num_heldout)
     drawn = _draw(pipe, prompts, candidates, scale, seed, batch_size, temperature, "auto")
-    return {clip: _summaries(_ranked(ClipRanker.from_pretrained(clip, device=pipe.device), prompts, drawn))
-            for clip in clips}
+    results = {}
+    for clip in clips:
+        rows = _ranked(ClipRanker.from_pretrained(clip, device=pipe.device), prompts, drawn)
+        results[clip] = {**_summaries(rows), "candidates_curve": candidates_curve(rows, curve_points(candidates))}
+    return results
 
 
 def _last_metrics(run_dir: str, keys: Sequence[str]) -> dict[str, Optional[float]]:
@@ -284,11 +293,10 @@ def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, sca
             details[f"{best}@T{float(t)}"] = t_rows[str(float(t))]
     best_t = max(t_sweep, key=lambda t: (t_sweep[t]["all"]["clip_best_all"], float(t)))
     chosen_rows = t_rows[best_t]
-    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k < candidates} | {candidates})
     set_sampling_defaults(os.path.join(out, "bundle", "bart_prior"), best, float(best_t))
     report = {"condition_scale": best, "temperature": float(best_t), "chosen": t_sweep[best_t],
               "temperature_sweep": t_sweep, "candidates": candidates, "seed": seed, "sweep": sweep,
-              "candidates_curve": candidates_curve(chosen_rows, ks),
+              "candidates_curve": candidates_curve(chosen_rows, curve_points(candidates)),
               "reconstruction": recon,
               "prior": _last_metrics(os.path.join(out, "bart_prior"), ["val/loss", "val/perplexity"]),
               "clip": _last_metrics(os.path.join(out, "clip"), ["val/t2i_R@1", "val/i2t_R@1"]),
@@ -309,7 +317,8 @@ def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, sca
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(description="Rank one set of demo candidates with several CLIP exports: "
+    p = argparse.ArgumentParser(description="Rank one set of demo candidates with several CLIP exports, and show how "
+                                            "each ranks the first k of them: "
                                             "python -m launch.evaluate --out runs/demo --clip DIR [DIR ...]")
     p.add_argument("--out", default="runs/demo", help="a demo folder (bundle/ and shapes/)")
     p.add_argument("--clip", nargs="+", required=True, help="CLIP export folders (e.g. runs/NAME/export)")
@@ -325,6 +334,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         s = summary["all"]
         print(f"| {clip} | {_fmt(s['random_all'])} | {_fmt(s['clip_best_all'])} | {100 * s['ranking_gain']:+.1f} "
               f"({100 * s['ranking_gain_lo']:+.1f} to {100 * s['ranking_gain_hi']:+.1f}) | {_fmt(s['oracle_best_all'])} |")
+    print("\nCandidates curve (the first k candidates of each prompt): CLIP-best all-correct seen / held-out / all; "
+          "oracle-best all\n\n| CLIP | k | seen | held-out | all | oracle-best |\n|---|---|---|---|---|---|")
+    for clip, summary in results.items():
+        for k, c in summary["candidates_curve"].items():
+            print(f"| {clip} | {k} | {_fmt(c['seen']['clip_best_all'])} | {_fmt(c['held_out']['clip_best_all'])} | "
+                  f"{_fmt(c['all']['clip_best_all'])} | {_fmt(c['all']['oracle_best_all'])} |")
     return 0
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_tiny_demo_end_to_end_and_rerun(tmp_path):
+def test_tiny_demo_end_to_end_and_rerun(tmp_path, capsys):
     out = tmp_path / "demo"
     env = dict(os.environ, OMP_NUM_THREADS="2")
     cmd = [sys.executable, "-m", "launch.demo", "--preset", "tiny", "--out", str(out)]
@@ -55,7 +55,11 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path):
     for clip in clips:
         for key in ("random_all", "clip_best_all", "oracle_best_all", "ranking_gain"):
             assert compared[clip]["all"][key] == report["sweep"]["1.0"]["all"][key], (clip, key)
+    if report["temperature"] == 1.0 and report["condition_scale"] == 1.0:  # the report's curve is of the same rows
+        assert compared[clips[0]]["candidates_curve"] == report["candidates_curve"]
+    assert set(compared[clips[1]]["candidates_curve"]) == {"1", "2", "4"}
     assert evaluate_main(["--out", str(out), "--clip", clips[0], "--prompts", "1", "1", "--candidates", "2"]) == 0
+    assert "Candidates curve" in capsys.readouterr().out
 
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
