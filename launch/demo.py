@@ -71,7 +71,8 @@ def _run(cmd: list[str]) -> None:
 
 
 def _with_threads(cmd: list[str], threads: int) -> list[str]:
-    """Show the thread count on the command line where the command takes one (the environment sets it anyway)."""
+    """Pass the thread count on the command line where the command takes one: it shows in the printed command, and
+    vqgan.encode would otherwise split all the cores itself (train.py also follows OMP_NUM_THREADS)."""
     if cmd[1:2] == ["train.py"]:
         return [*cmd, f"trainer.num_threads={threads}"]
     if cmd[1:3] == ["-m", "vqgan.encode"]:
@@ -190,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] done already, skipped (--force {name} reruns it)")
         else:
             todo.append((name, commands))
-    names = [name for name, _ in todo]
-    lanes = [[(name, dict(todo)[name]) for name in lane if name in names] for lane in preset.lanes]
+    names, commands_of = [name for name, _ in todo], dict(todo)
+    lanes = [[(name, commands_of[name]) for name in lane if name in commands_of] for lane in preset.lanes]
     lanes = [lane for lane in lanes if lane] if sum(1 for lane in lanes if lane) > 1 else []
     in_lanes = {name for lane in lanes for name, _ in lane}
     if in_lanes and max(names.index(n) for n in in_lanes) - min(names.index(n) for n in in_lanes) >= len(in_lanes):

@@ -84,6 +84,13 @@ def ranking_gain(rows: Sequence[dict], resamples: int = 2000, seed: int = 0) -> 
     return float(gain.mean()), float(lo), float(hi)
 
 
+def _splits(per_prompt: Sequence[dict]) -> list[tuple[str, list[dict]]]:
+    """(split name, its prompts) for seen, held_out and all; a split without prompts is left out."""
+    splits = [(split, [p for p in per_prompt if keep is None or p["held_out"] == keep])
+              for split, keep in (("seen", False), ("held_out", True), ("all", None))]
+    return [(split, rows) for split, rows in splits if rows]
+
+
 def curve_points(candidates: int) -> list[int]:
     """The k of a candidates curve: powers of two below ``candidates``, then ``candidates``."""
     return sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k < candidates} | {candidates})
@@ -93,26 +100,15 @@ def candidates_curve(per_prompt: Sequence[dict], ks: Sequence[int]) -> dict[str,
     """All-correct of the CLIP pick and of the best candidate when only the first k of each prompt's candidates had
     been drawn (per-candidate seeds: the first k of N are exactly what a k-candidate run draws).
     Returns {str(k): {split: {"clip_best_all", "oracle_best_all"}}}."""
-    curve = {}
-    for k in ks:
-        by_split = {}
-        for split, keep in (("seen", False), ("held_out", True), ("all", None)):
-            rows = [p for p in per_prompt if keep is None or p["held_out"] == keep]
-            if rows:
-                by_split[split] = {
-                    "clip_best_all": float(np.mean([p["candidates"][int(np.argmax(p["clip_scores"][:k]))]["all"]
-                                                    for p in rows])),
-                    "oracle_best_all": float(np.mean([any(c["all"] for c in p["candidates"][:k]) for p in rows]))}
-        curve[str(k)] = by_split
-    return curve
+    return {str(k): {split: {
+        "clip_best_all": float(np.mean([p["candidates"][int(np.argmax(p["clip_scores"][:k]))]["all"] for p in rows])),
+        "oracle_best_all": float(np.mean([any(c["all"] for c in p["candidates"][:k]) for p in rows]))}
+        for split, rows in _splits(per_prompt)} for k in ks}
 
 
 def _summaries(per_prompt: list[dict]) -> dict[str, dict[str, float]]:
     out = {}
-    for split, keep in (("seen", False), ("held_out", True), ("all", None)):
-        rows = [p for p in per_prompt if keep is None or p["held_out"] == keep]
-        if not rows:
-            continue
+    for split, rows in _splits(per_prompt):
         summary = {"prompts": len(rows)}
         for key in ("all",) + ATTRIBUTES:
             summary[f"random_{key}"] = float(np.mean([np.mean([c[key] for c in p["candidates"]]) for p in rows]))
@@ -284,15 +280,15 @@ def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, sca
         sweep[str(scale)], details[str(scale)], grids[str(scale)] = generation_eval(pipe, prompts, candidates, scale,
                                                                                      seed=seed, temperature=base_t)
     best = max(scales, key=lambda s: (sweep[str(s)]["all"]["clip_best_all"], -s))
-    t_sweep, t_grids, t_rows = {str(base_t): sweep[str(best)]}, {str(base_t): grids[str(best)]}, {
-        str(base_t): details[str(best)]}
-    for t in temperatures[1:]:
-        if float(t) != base_t:
-            t_sweep[str(float(t))], t_rows[str(float(t))], t_grids[str(float(t))] = generation_eval(
-                pipe, prompts, candidates, best, seed=seed, temperature=float(t))
-            details[f"{best}@T{float(t)}"] = t_rows[str(float(t))]
+    # temperature -> (summaries, per-prompt rows, ranked images); the base temperature's run is the best scale's
+    t_runs = {str(base_t): (sweep[str(best)], details[str(best)], grids[str(best)])}
+    for t in map(float, temperatures[1:]):
+        if str(t) not in t_runs:
+            t_runs[str(t)] = generation_eval(pipe, prompts, candidates, best, seed=seed, temperature=t)
+            details[f"{best}@T{t}"] = t_runs[str(t)][1]
+    t_sweep = {t: run[0] for t, run in t_runs.items()}
     best_t = max(t_sweep, key=lambda t: (t_sweep[t]["all"]["clip_best_all"], float(t)))
-    chosen_rows = t_rows[best_t]
+    _, chosen_rows, chosen_grids = t_runs[best_t]
     set_sampling_defaults(os.path.join(out, "bundle", "bart_prior"), best, float(best_t))
     report = {"condition_scale": best, "temperature": float(best_t), "chosen": t_sweep[best_t],
               "temperature_sweep": t_sweep, "candidates": candidates, "seed": seed, "sweep": sweep,
@@ -303,7 +299,7 @@ def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, sca
               "timings_s": {**(timings or {}), "report": round(time.time() - started, 1)}}
     shown = [p for p, _ in prompts[:6]] + [p for p, h in prompts if h][:6]
     keep = min(4, candidates)
-    rows = torch.cat([t_grids[best_t][p][:keep] for p in dict.fromkeys(shown)])
+    rows = torch.cat([chosen_grids[p][:keep] for p in dict.fromkeys(shown)])
     save_png(make_grid(rows, nrow=keep), os.path.join(out, "grid.png"))
     for name, payload in (("report.json", report), ("report_details.json", details)):
         with open(os.path.join(out, name + ".tmp"), "w") as fh:
