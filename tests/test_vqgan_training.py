@@ -109,6 +109,35 @@ def test_encoder_cli_writes_code_shards_the_data_module_reads(tmp_path, capsys):
     assert "save_pretrained" in capsys.readouterr().err
 
 
+def test_encoder_writes_a_manifest_and_refuses_to_mix_two_codebooks(tmp_path, capsys):
+    """The manifest makes the prior's start-up check exact: codes of a 64-code VQGAN never exceed 63, so without it
+    a 128-code prior would train on them silently."""
+    import json
+
+    from bart_prior.shards import CodeShardMismatch, check_code_shards
+
+    write_image_shards(str(tmp_path / "img"), n_shards=2, per_shard=2)
+    for name, codes in (("a", 64), ("b", 32)):
+        torch.manual_seed(0)
+        VQGANModule(tiny_run_config(tmp_path, f"model.num_codes={codes}")).vqgan.eval().save_pretrained(
+            str(tmp_path / name))
+    args = ["--input", str(tmp_path / "img" / "*.tar"), "--output", str(tmp_path / "codes")]
+    assert encode_main(["--model", str(tmp_path / "a"), *args]) == 0
+    with open(tmp_path / "codes" / "manifest.json") as fh:
+        assert json.load(fh) == {"codebook_size": 64, "grid": [8, 8], "vqgan": str(tmp_path / "a")}
+    pattern = str(tmp_path / "codes" / "*.tar")
+    check_code_shards(pattern, 64, (8, 8))
+    with pytest.raises(CodeShardMismatch, match="64-entry codebook but model.codebook_size is 128"):
+        check_code_shards(pattern, 128, (8, 8))
+    capsys.readouterr()
+    assert encode_main(["--model", str(tmp_path / "b"), *args]) == 2  # same folder, another codebook
+    assert "another VQGAN (64 codes" in capsys.readouterr().err
+    assert encode_main(["--model", str(tmp_path / "a"), *args]) == 0  # the same VQGAN again: a no-op resume
+    os.remove(tmp_path / "codes" / "manifest.json")
+    assert encode_main(["--model", str(tmp_path / "a"), *args]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
 def test_encoder_with_two_processes_deals_shards_round_robin(tmp_path):
     """--devices 2 (local processes, CPU here): each rank writes its own shards; together they hold exactly the
     codes of the single-process run, same keys."""

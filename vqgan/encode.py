@@ -5,13 +5,16 @@
 Every input shard i becomes one output shard ``rankRR-iiiiii.tar`` holding ``KEY.codes.npy`` (uint16 h×w) and
 ``KEY.txt`` (the caption) for the same keys. Input shards are dealt round-robin to the ranks (``--devices`` local
 processes, or the ranks of an external launcher via RANK/WORLD_SIZE). Shards are written atomically; a rerun skips
-input shards whose output exists, whichever rank wrote it.
+input shards whose output exists, whichever rank wrote it. ``manifest.json`` in the output folder records the
+codebook size and token grid (the prior checks them at start-up); encoding into a folder that holds another VQGAN's
+codes is refused, so one set never mixes two codebooks.
 """
 from __future__ import annotations
 
 import argparse
 import glob
 import io
+import json
 import os
 import sys
 import tarfile
@@ -20,7 +23,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from vqgan.model import VQGAN
+from vqgan.model import CONFIG_NAME, VQGAN, VQGANConfig
 
 
 class EncodeError(ValueError):
@@ -39,6 +42,31 @@ def codes_to_npy(codes: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, codes.astype(np.uint16), allow_pickle=False)
     return buf.getvalue()
+
+
+def write_manifest(model_dir: str, out_dir: str) -> dict:
+    """Write (or check) ``out_dir/manifest.json``: the codebook size and token grid of the VQGAN in ``model_dir``."""
+    cfg_path = os.path.join(model_dir, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: pass a VQGAN save_pretrained folder (e.g. runs/NAME/export)")
+    with open(cfg_path) as fh:
+        cfg = VQGANConfig.from_dict(json.load(fh))
+    man = {"codebook_size": cfg.num_codes, "grid": [cfg.token_grid, cfg.token_grid],
+           "vqgan": os.path.abspath(model_dir)}
+    path = os.path.join(out_dir, "manifest.json")
+    if os.path.isfile(path):
+        with open(path) as fh:
+            old = json.load(fh)
+        if (old.get("codebook_size"), old.get("grid")) != (man["codebook_size"], man["grid"]):
+            raise EncodeError(f"{out_dir} holds codes of another VQGAN ({old.get('codebook_size')} codes, grid "
+                              f"{old.get('grid')}; this one: {man['codebook_size']}, {man['grid']}): use a new --output")
+        return old
+    if done_shards(out_dir):
+        raise EncodeError(f"{out_dir} holds code shards but no manifest.json (an older encoder or another tool wrote them): encode into a new --output folder")
+    with open(path + ".tmp", "w") as fh:
+        json.dump(man, fh, indent=1)
+    os.replace(path + ".tmp", path)
+    return man
 
 
 def _batches(samples: Iterator[dict], size: int) -> Iterator[list[dict]]:
@@ -114,6 +142,8 @@ def encode(model_dir: str, pattern: str, out_dir: str, devices: int = 1, batch_s
         raise EncodeError("--devices, --batch-size and --threads must be >= 1")
     shards = expand_pattern(pattern)
     os.makedirs(out_dir, exist_ok=True)
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_manifest(model_dir, out_dir)
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:  # torchrun / srun: one rank per process
         run_rank(int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"]), model_dir, shards, out_dir, batch_size,
                  threads)
