@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import pytorch_lightning as pl
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:  # importing Lightning costs seconds; the data, tokenizer, bundle and report CLIs never need it
+    import pytorch_lightning as pl
 
 
 @dataclass

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import pytorch_lightning as pl
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # importing Lightning costs seconds; the data, tokenizer, bundle and report CLIs never need it
+    import pytorch_lightning as pl
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
