@@ -53,7 +53,10 @@ def test_training_reduces_loss_and_exports(setup):
     assert train[-1] < train[0] - 0.5, train
     keys = {k for r in rows for k, v in r.items() if v}
     assert {"train/perplexity", "train/token_accuracy", "train/lr", "train/grad_norm",
-            "val/perplexity", "val/token_accuracy"} <= keys
+            "val/perplexity", "val/token_accuracy", "val/caption_gain"} <= keys
+    # these codes depend on the caption: it lowers the loss (a reversed sign would fail)
+    gain = [float(r["val/caption_gain"]) for r in rows if r.get("val/caption_gain")]
+    assert len(gain) == 2 and gain[-1] > 0, gain  # 0.001-0.002 nats per code here: the caption fixes few codes
     images = os.listdir(os.path.join(result.run.root, "images"))
     assert len(images) == 1 and images[0].startswith("val_samples")  # every 2nd validation
     prior = BartPrior.from_pretrained(result.export_dir)
@@ -81,6 +84,44 @@ def test_mismatched_code_shards_fail_at_start(setup, tmp_path):
         check_code_shards(big_codes, 2048, [8, 8])
     run = root / "runs" / "bad_grid"
     assert not (run / "checkpoints" / "last.ckpt").exists()
+
+
+def test_encoder_lr_scale_sets_the_text_encoders_rate(setup):
+    from bart_prior.training import PriorModule
+
+    _, overrides = setup
+    cfg = load_config(PriorRunConfig, CONFIG, overrides + ["optim.lr=2e-3", "optim.encoder_lr_scale=0.25"])
+    module = PriorModule(cfg)
+    opt = module.configure_optimizers()["optimizer"]
+    rate = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    named = dict(module.named_parameters())
+    assert len(rate) == len(named)  # every parameter once
+    for name, p in named.items():
+        assert rate[id(p)] == pytest.approx(5e-4 if ".encoder." in name else 2e-3), name
+        assert (decay[id(p)] > 0) == (p.ndim >= 2 and "embed" not in name), name
+    assert opt.param_groups[0]["initial_lr"] == pytest.approx(2e-3)  # train/lr logs the decoder's rate
+    with pytest.raises(ConfigError, match="encoder_lr_scale"):
+        PriorModule(load_config(PriorRunConfig, CONFIG, overrides + ["optim.encoder_lr_scale=0"])).configure_optimizers()
+
+
+def test_caption_gain_is_zero_for_an_encoder_that_ignores_its_input(setup):
+    """The val/caption_gain diagnostic: a collapsed encoder (the same output for every caption) scores 0."""
+    from bart_prior.training import PriorModule
+
+    _, overrides = setup
+    module = PriorModule(load_config(PriorRunConfig, CONFIG, overrides)).eval()
+    codes = torch.randint(0, 64, (4, 8, 8))
+    batch = {"codes": codes, "caption": ["a red circle", "a blue square", "a green triangle", "a yellow circle"]}
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+        assert logged["val/caption_gain"] != 0.0  # a fresh encoder's output depends on the caption
+        last = module.model.encoder.layers[-1].final_layer_norm
+        last.weight.zero_()  # every caption now encodes to the layer norm's bias
+        module.validation_step(batch, 0)
+    assert logged["val/caption_gain"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_lr_schedule_shapes():
