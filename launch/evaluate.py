@@ -241,7 +241,9 @@ def _markdown(report: dict) -> str:
     lines += ["", "## Components", "",
               f"- VQGAN reconstructions of {r['images']} val images: oracle all-correct {_fmt(r['oracle_all_correct'])}"
               f" (the pipeline's ceiling), PSNR {r['psnr']:.2f} dB, codebook usage {_fmt(r['codebook_usage'])}.",
-              f"- Prior val loss: {_fmt(report['prior'].get('val/loss'), pct=False)}.",
+              f"- Prior val loss: {_fmt(report['prior'].get('val/loss'), pct=False)}; caption gain (val loss with empty "
+              f"captions minus val loss; near 0: the prior ignores its captions): "
+              f"{_fmt(report['prior'].get('val/caption_gain'), pct=False)}.",
               "- CLIP val recall@1 text→image: " + _fmt(report["clip"].get("val/t2i_R@1")) + ", image→text: "
               + _fmt(report["clip"].get("val/i2t_R@1")) + ".", ""]
     if report.get("timings_s"):
@@ -294,7 +296,7 @@ def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, sca
               "temperature_sweep": t_sweep, "candidates": candidates, "seed": seed, "sweep": sweep,
               "candidates_curve": candidates_curve(chosen_rows, curve_points(candidates)),
               "reconstruction": recon,
-              "prior": _last_metrics(os.path.join(out, "bart_prior"), ["val/loss", "val/perplexity"]),
+              "prior": _last_metrics(os.path.join(out, "bart_prior"), ["val/loss", "val/perplexity", "val/caption_gain"]),
               "clip": _last_metrics(os.path.join(out, "clip"), ["val/t2i_R@1", "val/i2t_R@1"]),
               "timings_s": {**(timings or {}), "report": round(time.time() - started, 1)}}
     shown = [p for p, _ in prompts[:6]] + [p for p, h in prompts if h][:6]

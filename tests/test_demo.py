@@ -35,7 +35,8 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path, capsys):
         assert s["ranking_gain_lo"] <= s["ranking_gain"] <= s["ranking_gain_hi"]
     assert report["sweep"]["1.0"]["seen"]["prompts"] == 3 and report["sweep"]["1.0"]["held_out"]["prompts"] == 3
     assert report["reconstruction"]["images"] > 0 and report["reconstruction"]["psnr"] > 0
-    assert report["prior"]["val/loss"] is not None and report["timings_s"]["report"] > 0
+    assert report["prior"]["val/loss"] is not None and report["prior"]["val/caption_gain"] is not None
+    assert report["timings_s"]["report"] > 0 and "caption gain" in (out / "report.md").read_text()
     assert Image.open(out / "grid.png").size[0] > 32
     assert set(report["candidates_curve"]) == {"1", "2", "4"}  # tiny preset: 4 candidates
     assert report["candidates_curve"]["4"]["all"]["clip_best_all"] == report["chosen"]["all"]["clip_best_all"]
