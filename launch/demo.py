@@ -51,7 +51,8 @@ PRESETS = {
     # together); each run anneals by its cap or its config's max_steps, whichever ends it first; --time-scale gives
     # slower machines more. Session 7 moved 2 minutes from the VQGAN to the lanes: the prior learns shape last, in
     # its final minutes, and 12.5 instead of 10.5 minutes lifted random all-correct to 43% (sessions 5-6: 4-40%)
-    # while the VQGAN's ceiling fell to ~70% intact (README, demo).
+    # while the VQGAN's ceiling fell to ~70% intact (README, demo). Session 8 found the larger cause of the swings,
+    # the prior's text encoder at too high a rate (configs/bart_prior/shapes.yaml, encoder_lr_scale).
     "full": Preset(samples=24000, minutes={"vqgan": 8, "bart_prior": 12.5, "clip": 15}),
     # Seconds per stage: exercises every stage and file format (the test suite runs it), not quality.
     "tiny": Preset(samples=400, config="tiny", vocab_size=300, eval_prompts=(3, 3), candidates=4, scales=(1.0, 2.0), temperatures=(1.0, 0.7),

@@ -296,7 +296,8 @@ def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, sca
               "temperature_sweep": t_sweep, "candidates": candidates, "seed": seed, "sweep": sweep,
               "candidates_curve": candidates_curve(chosen_rows, curve_points(candidates)),
               "reconstruction": recon,
-              "prior": _last_metrics(os.path.join(out, "bart_prior"), ["val/loss", "val/perplexity", "val/caption_gain"]),
+              "prior": _last_metrics(os.path.join(out, "bart_prior"),
+                                     ["val/loss", "val/perplexity", "val/caption_gain"]),
               "clip": _last_metrics(os.path.join(out, "clip"), ["val/t2i_R@1", "val/i2t_R@1"]),
               "timings_s": {**(timings or {}), "report": round(time.time() - started, 1)}}
     shown = [p for p, _ in prompts[:6]] + [p for p, h in prompts if h][:6]

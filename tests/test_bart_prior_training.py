@@ -102,7 +102,8 @@ def test_encoder_lr_scale_sets_the_text_encoders_rate(setup):
         assert (decay[id(p)] > 0) == (p.ndim >= 2 and "embed" not in name), name
     assert opt.param_groups[0]["initial_lr"] == pytest.approx(2e-3)  # train/lr logs the decoder's rate
     with pytest.raises(ConfigError, match="encoder_lr_scale"):
-        PriorModule(load_config(PriorRunConfig, CONFIG, overrides + ["optim.encoder_lr_scale=0"])).configure_optimizers()
+        bad = load_config(PriorRunConfig, CONFIG, overrides + ["optim.encoder_lr_scale=0"])
+        PriorModule(bad).configure_optimizers()
 
 
 def test_caption_gain_is_zero_for_an_encoder_that_ignores_its_input(setup):
