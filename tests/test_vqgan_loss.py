@@ -58,6 +58,24 @@ def test_patchgan_layout_and_generator_terms():
     assert {"d", "logits_real", "logits_fake"} <= set(dlogs) and d.requires_grad
 
 
+def test_gradient_loss_charges_blurred_edges_not_flat_offsets():
+    loss = VQLoss(LossConfig(pixel_loss="l2", gradient_weight=2.0, perceptual_weight=0, disc_weight=0))
+    x = -torch.ones(1, 3, 16, 16)
+    x[..., 6:10, 6:10] = 1.0  # a small sharp square
+    shifted = x + 0.2  # same edges, every pixel off
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    assert float(loss.gradient(x, shifted)) == pytest.approx(0.0, abs=1e-7)
+    assert float(loss.gradient(x, blurred)) > 0.05
+    # hand computation: mean squared difference of horizontal and vertical neighbour differences, averaged
+    dx = ((x.diff(dim=-1) - blurred.diff(dim=-1)) ** 2).mean()
+    dy = ((x.diff(dim=-2) - blurred.diff(dim=-2)) ** 2).mean()
+    assert float(loss.gradient(x, blurred)) == pytest.approx(float(0.5 * (dx + dy)), rel=1e-6)
+    total, logs = loss.generator_loss(x, blurred, torch.tensor(0.0), torch.zeros(1), step=0)
+    assert float(total) == pytest.approx(float(F.mse_loss(blurred, x) + 2.0 * logs["grad"]), rel=1e-6)
+    assert "grad" not in VQLoss(LossConfig(perceptual_weight=0, disc_weight=0)).generator_loss(
+        x, blurred, torch.tensor(0.0), torch.zeros(1), step=0)[1]
+
+
 def test_missing_lpips_weights_stop_at_start_up(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(LPIPSWeightsMissing) as info:

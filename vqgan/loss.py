@@ -15,6 +15,7 @@ from vqgan.perceptual import FrozenLPIPS
 class LossConfig:
     pixel_loss: str = "l1"  # l1 | l2
     pixel_weight: float = 1.0
+    gradient_weight: float = 0.0  # the pixel loss on image gradients (finite differences): edges, no weights needed
     perceptual_weight: float = 1.0  # LPIPS (VGG); 0 turns it off and needs no weights
     lpips_backbone: Optional[str] = None  # path to vgg16-397923af.pth; None: torchvision's cache; "random": tests
     codebook_weight: float = 1.0
@@ -89,6 +90,13 @@ class VQLoss(nn.Module):
     def pixel(self, x: torch.Tensor, xrec: torch.Tensor) -> torch.Tensor:
         return F.l1_loss(xrec, x) if self.cfg.pixel_loss == "l1" else F.mse_loss(xrec, x)
 
+    def gradient(self, x: torch.Tensor, xrec: torch.Tensor) -> torch.Tensor:
+        """The pixel loss between horizontal and vertical differences of neighbours: a blurred edge costs here even
+        where it costs little per pixel (a small object is a few percent of the image)."""
+        dx = self.pixel(x[..., :, 1:] - x[..., :, :-1], xrec[..., :, 1:] - xrec[..., :, :-1])
+        dy = self.pixel(x[..., 1:, :] - x[..., :-1, :], xrec[..., 1:, :] - xrec[..., :-1, :])
+        return 0.5 * (dx + dy)
+
     def generator_loss(self, x: torch.Tensor, xrec: torch.Tensor, q_loss: torch.Tensor, last_layer: torch.Tensor,
                        step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Autoencoder + codebook objective; ``last_layer`` is the decoder's output conv weight."""
@@ -97,6 +105,10 @@ class VQLoss(nn.Module):
         rec = self.pixel(x, xrec)
         nll = c.pixel_weight * rec
         logs["rec"] = rec.detach()
+        if c.gradient_weight > 0:
+            g_rec = self.gradient(x, xrec)
+            nll = nll + c.gradient_weight * g_rec
+            logs["grad"] = g_rec.detach()
         if self.perceptual is not None:
             p = self.perceptual(x.float(), xrec.float()).mean()
             nll = nll + c.perceptual_weight * p
