@@ -51,8 +51,8 @@ PRESETS = {
     # its final minutes, and 12.5 instead of 10.5 minutes lifted random all-correct to 43% (sessions 5-6: 4-40%)
     # while the VQGAN's ceiling fell to ~70% intact (README, demo). Session 8 found the larger cause of the swings,
     # the prior's text encoder at too high a rate (configs/bart_prior/shapes.yaml, encoder_lr_scale).
-    # Session 9: with the VQGAN's small shapes fixed, sampling at 0.6 beat 0.85 on one run's bundle (CLIP-best
-    # 71.1% vs 64.1%, random 63.4% vs 59.3%; 0.4: 73.4 / 66.0%); 0.85 stays in the sweep (README, demo).
+    # Session 9: with the VQGAN's small shapes fixed, 0.6 beat 0.85 on run 8's bundle (CLIP-best 71.1% vs 64.1%)
+    # and lost on run 9's (68.8% vs 73.4%): both are swept, at about a minute of report each (README, demo).
     "full": Preset(samples=24000, minutes={"vqgan": 8, "bart_prior": 12.5, "clip": 15}, temperatures=(0.6, 0.85)),
     # Seconds per stage: exercises every stage and file format (the test suite runs it), not quality.
     "tiny": Preset(samples=400, config="tiny", vocab_size=300, eval_prompts=(3, 3), candidates=4, scales=(1.0, 2.0), temperatures=(1.0, 0.7),
