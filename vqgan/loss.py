@@ -93,9 +93,7 @@ class VQLoss(nn.Module):
     def gradient(self, x: torch.Tensor, xrec: torch.Tensor) -> torch.Tensor:
         """The pixel loss between horizontal and vertical differences of neighbours: a blurred edge costs here even
         where it costs little per pixel (a small object is a few percent of the image)."""
-        dx = self.pixel(x[..., :, 1:] - x[..., :, :-1], xrec[..., :, 1:] - xrec[..., :, :-1])
-        dy = self.pixel(x[..., 1:, :] - x[..., :-1, :], xrec[..., 1:, :] - xrec[..., :-1, :])
-        return 0.5 * (dx + dy)
+        return 0.5 * (self.pixel(x.diff(dim=-1), xrec.diff(dim=-1)) + self.pixel(x.diff(dim=-2), xrec.diff(dim=-2)))
 
     def generator_loss(self, x: torch.Tensor, xrec: torch.Tensor, q_loss: torch.Tensor, last_layer: torch.Tensor,
                        step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
