@@ -67,3 +67,44 @@ def flatten_negatives(negatives: Sequence[Sequence[str]]) -> tuple[list[str], li
         texts.extend(negs)
         owners.extend([i] * len(negs))
     return texts, owners
+
+
+def median_filter(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) -> the per-channel median over a round ``size`` x ``size`` window (odd ``size``, edges
+    replicated). It keeps edges sharp but rounds corners and removes parts thinner than the window: a square
+    comes out with rounded corners, a thin arm disappears, a disk large enough stays as it is."""
+    if size < 3 or size % 2 == 0:
+        raise ValueError(f"median filter size must be an odd number >= 3, got {size}")
+    r = size // 2
+    padded = torch.nn.functional.pad(images, (r, r, r, r), mode="replicate")
+    windows = padded.unfold(2, size, 1).unfold(3, size, 1)  # (B, C, H, W, size, size)
+    offsets = torch.arange(size, device=images.device) - r
+    disk = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= r * r + r).flatten()
+    return windows.reshape(*windows.shape[:4], size * size)[..., disk].median(-1).values
+
+
+def simplified_copies(images: torch.Tensor, num: int, sizes: Sequence[int] = (5, 7, 9), min_changed: float = 0.005,
+                      generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, list[int]]:
+    """Hard negative IMAGES: median-filtered copies of ``num`` randomly chosen images of a batch.
+
+    A copy keeps the colours, layout and sharp edges of its source but has its corners rounded and its thin parts
+    removed: the near misses a generator draws (a square with round corners, a cross whose arms melted into a
+    blob). Each chosen image gets a window size drawn from ``sizes``. Copies that differ from their source in fewer
+    than ``min_changed`` of the pixels (a disk already round at that scale) are dropped: they are not negatives.
+    Returns (copies, the batch index each came from); randomness only from ``generator``.
+    """
+    if num < 0:
+        raise ValueError(f"num must be >= 0, got {num}")
+    num = min(num, images.shape[0])
+    if num == 0:
+        return images[:0], []
+    chosen = torch.randperm(images.shape[0], generator=generator)[:num]
+    picks = torch.randint(len(sizes), (num,), generator=generator)
+    copies = torch.empty_like(images[chosen])
+    for k, size in enumerate(sizes):
+        sel = (picks == k).nonzero().flatten()
+        if len(sel):
+            copies[sel] = median_filter(images[chosen[sel]], int(size))
+    changed = ((copies - images[chosen]).abs().amax(1) > 0.1).flatten(1).float().mean(1)  # images in [-1, 1]
+    keep = changed >= min_changed
+    return copies[keep], chosen[keep].tolist()
