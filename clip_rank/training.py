@@ -14,7 +14,7 @@ from open_clip import ClipLoss
 
 from clip_rank.io import PretrainedNotFoundError, build_clip, resolve_pretrained, save_clip
 from clip_rank.model import ClipModel, symmetric_infonce
-from clip_rank.negatives import flatten_negatives, one_word_swaps, simplified_copies
+from clip_rank.negatives import flatten_negatives, one_word_swaps
 from launch.components import Component
 from launch.schedule import budget_spent, lr_factor
 from launch.sharding import ShardedModule
@@ -62,11 +62,6 @@ class ClipLossConfig:
     # columns (every image row sees all of them; the target stays its caption). 0 = off. Images whose caption has
     # no such swap in the batch get none. Under DDP each rank uses its own negatives only.
     hard_negatives: int = 0
-    # Hard negative images: this many images per batch get a median-filtered copy (clip_rank/negatives.py,
-    # simplified_copies: corners rounded, thin parts removed, window size drawn from image_negative_sizes), an extra
-    # text->image column for the captions identical to its source's (the target stays the source). 0 = off.
-    image_negatives: int = 0
-    image_negative_sizes: List[int] = field(default_factory=lambda: [5, 7, 9])
 
 
 @dataclass
@@ -79,23 +74,11 @@ class ClipRunConfig(RunConfig):
 VAL_NEGATIVES_SEED = 1234  # val/hard_negative_acc: batch b's negatives come from a generator seeded with this + b
 
 
-def _normalised(caption: Any) -> str:
-    return " ".join(str(caption).split())
-
-
-def image_negative_mask(captions: List[str], owners: List[int], device: Any = None) -> torch.Tensor:
-    """(len(captions), len(owners)) bool, True where negative image k (a copy of image owners[k]) is left out of
-    caption row r: a copy is a negative only for the captions identical to its source's."""
-    norm = [_normalised(c) for c in captions]
-    mask = torch.tensor([[norm[r] != norm[o] for o in owners] for r in range(len(captions))], dtype=torch.bool)
-    return mask.reshape(len(captions), len(owners)).to(device)
-
-
 def negative_mask(captions: List[str], negatives: List[str], device: Any = None) -> torch.Tensor:
     """(len(captions), len(negatives)) bool, True where a negative is that row's own caption (left out of its row)."""
     rows: dict[str, List[int]] = {}
     for r, c in enumerate(captions):
-        rows.setdefault(_normalised(c), []).append(r)
+        rows.setdefault(" ".join(str(c).split()), []).append(r)
     mask = torch.zeros(len(captions), len(negatives), dtype=torch.bool)
     for k, neg in enumerate(negatives):
         for r in rows.get(neg, ()):
@@ -104,59 +87,42 @@ def negative_mask(captions: List[str], negatives: List[str], device: Any = None)
 
 
 class HardNegativeClipLoss(ClipLoss):
-    """open_clip's ClipLoss, plus optional hard negatives: captions as extra image->text columns, images as extra
-    text->image columns.
+    """open_clip's ClipLoss, plus optional hard negative captions as extra image->text columns.
 
-    Without negatives it is ClipLoss unchanged. ``negative_features`` (captions): each of this rank's image rows is
-    scored against all the (gathered) captions and all this rank's negative captions; its target stays its own
-    caption. ``negative_image_features`` (images, e.g. clip_rank.negatives.simplified_copies): each of this rank's
-    caption rows is scored against all the (gathered) images and this rank's negative images; its target stays its
-    own image. The masks (local rows x negatives, True = leave out) drop pairs where a negative caption is in fact
-    the row's own caption, and restrict a negative image to the captions it is a near miss of. Under DDP the
-    negatives are the local ones only (they are not gathered): each row sees the global batch plus its own rank's
-    negatives.
+    Without negatives (``negative_features`` None or empty) it is ClipLoss unchanged. With them, each of this
+    rank's image rows is scored against all the (gathered) captions and all this rank's negatives; its target stays
+    its own caption. The text->image term is ClipLoss's. ``negative_mask`` (local images x negatives, True =
+    leave out) drops pairs where a negative is in fact the row's own caption (another caption's swap may produce
+    it). Under DDP the negatives are the local ones only (they are not gathered): each row sees the global batch of
+    captions plus its own rank's negatives.
     """
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: Optional[torch.Tensor] = None, output_dict: bool = False,
                 negative_features: Optional[torch.Tensor] = None,
-                negative_mask: Optional[torch.Tensor] = None,
-                negative_image_features: Optional[torch.Tensor] = None,
-                negative_image_mask: Optional[torch.Tensor] = None) -> Any:
-        captions = negative_features is not None and negative_features.shape[0] > 0
-        images = negative_image_features is not None and negative_image_features.shape[0] > 0
-        if not (captions or images):
+                negative_mask: Optional[torch.Tensor] = None) -> Any:
+        if negative_features is None or negative_features.shape[0] == 0:
             return super().forward(image_features, text_features, logit_scale, logit_bias, output_dict)
         device = image_features.device
         logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale,
                                                             logit_bias=logit_bias)
         labels = self.get_ground_truth(device, logits_per_image.shape[0])
+        text_loss = F.cross_entropy(logits_per_text, labels)
         n = image_features.shape[0]
-        local_labels = labels
         if self.world_size > 1 and not self.local_loss:
-            # rows are the global ones here: keep this rank's (the negatives belong to them); the mean over ranks
+            # rows are the global images here: keep this rank's (the negatives belong to them); the mean over ranks
             # of the local-row losses is the global-row mean
             offset = n * self.rank
-            local_labels = torch.arange(n, device=device) + offset
-            logits_per_image = logits_per_image[offset:offset + n] if captions else logits_per_image
-            logits_per_text = logits_per_text[offset:offset + n] if images else logits_per_text
-
-        def with_negatives(logits: torch.Tensor, rows: torch.Tensor, negatives: torch.Tensor,
-                           mask: Optional[torch.Tensor]) -> torch.Tensor:
-            extra = logit_scale * rows @ negatives.T
-            if logit_bias is not None:
-                extra = extra + logit_bias
-            if mask is not None:
-                extra = extra.masked_fill(mask, float("-inf"))
-            return torch.cat([logits, extra], dim=1)
-
-        if captions:
-            logits_per_image = with_negatives(logits_per_image, image_features, negative_features, negative_mask)
-        if images:
-            logits_per_text = with_negatives(logits_per_text, text_features, negative_image_features,
-                                             negative_image_mask)
-        image_loss = F.cross_entropy(logits_per_image, local_labels if captions else labels)
-        text_loss = F.cross_entropy(logits_per_text, local_labels if images else labels)
+            logits_per_image = logits_per_image[offset:offset + n]
+            image_labels = torch.arange(n, device=device) + offset
+        else:
+            image_labels = labels
+        neg_logits = logit_scale * image_features @ negative_features.T
+        if logit_bias is not None:
+            neg_logits = neg_logits + logit_bias
+        if negative_mask is not None:
+            neg_logits = neg_logits.masked_fill(negative_mask, float("-inf"))
+        image_loss = F.cross_entropy(torch.cat([logits_per_image, neg_logits], dim=1), image_labels)
         total_loss = (image_loss + text_loss) / 2
         return {"contrastive_loss": total_loss} if output_dict else total_loss
 
@@ -278,12 +244,6 @@ class ClipModule(ShardedModule):
                         text=m.lock_text, text_unlocked_layers=m.lock_text_unlocked_layers)
         if cfg.loss.hard_negatives < 0:
             raise ConfigError(f"loss.hard_negatives must be >= 0 (0 = off), got {cfg.loss.hard_negatives}")
-        if cfg.loss.image_negatives < 0:
-            raise ConfigError(f"loss.image_negatives must be >= 0 (0 = off), got {cfg.loss.image_negatives}")
-        bad = [k for k in cfg.loss.image_negative_sizes if int(k) < 3 or int(k) % 2 == 0]
-        if cfg.loss.image_negatives and (bad or not cfg.loss.image_negative_sizes):
-            raise ConfigError("loss.image_negative_sizes must be odd window sizes >= 3, got "
-                              f"{list(cfg.loss.image_negative_sizes)}")
         if not 0.0 <= m.reconstruct_prob <= 1.0:
             raise ConfigError(f"model.reconstruct_prob must be in [0, 1], got {m.reconstruct_prob}")
         # A list, so the frozen VQGAN is neither a submodule (not trained, not in checkpoints) nor an export part.
@@ -344,28 +304,23 @@ class ClipModule(ShardedModule):
         images = self.reconstruct(batch["image"], self.cfg.model.reconstruct_prob)
         captions = list(batch["caption"])
         bs = images.shape[0]
-        generator = self.negative_generator()
-        neg_texts, owners = flatten_negatives(one_word_swaps(captions, int(self.cfg.loss.hard_negatives), generator))
-        copies, copy_owners = simplified_copies(images, int(self.cfg.loss.image_negatives),
-                                                list(self.cfg.loss.image_negative_sizes), generator=generator)
-        # one pass per tower for the batch and its negatives
-        image_features, texts, scale = self.model(torch.cat([images, copies]), captions + neg_texts)
-        image_features, neg_image_features = image_features[:bs], image_features[bs:]
-        text_features, neg_features = texts[:bs], texts[bs:]
-        loss = self.clip_loss()(image_features.float(), text_features.float(), scale.float(),
-                                negative_features=neg_features.float(),
-                                negative_mask=negative_mask(captions, neg_texts, images.device),
-                                negative_image_features=neg_image_features.float(),
-                                negative_image_mask=image_negative_mask(captions, copy_owners, images.device))
-        with torch.no_grad():
+        num_neg = int(self.cfg.loss.hard_negatives)
+        if num_neg <= 0:
+            image_features, text_features, scale = self.model(images, captions)
+            loss = self.clip_loss()(image_features.float(), text_features.float(), scale.float())
+        else:
+            neg_texts, owners = flatten_negatives(one_word_swaps(captions, num_neg, self.negative_generator()))
+            # one text-tower pass for the captions and their negatives
+            image_features, texts, scale = self.model(images, captions + neg_texts)
+            text_features, neg_features = texts[:bs], texts[bs:]
+            loss = self.clip_loss()(image_features.float(), text_features.float(), scale.float(),
+                                    negative_features=neg_features.float(),
+                                    negative_mask=negative_mask(captions, neg_texts, images.device))
             if neg_texts:
-                hard = hard_negative_scores(image_features, text_features, neg_features, owners, scale.float())
+                with torch.no_grad():
+                    hard = hard_negative_scores(image_features, text_features, neg_features, owners, scale.float())
                 self.log("train/loss_hard", hard["loss"].mean(), batch_size=len(hard["loss"]))
                 self.log("train/hard_negative_acc", hard["acc"].mean(), batch_size=len(hard["acc"]))
-            if copy_owners:
-                own = torch.as_tensor(copy_owners, device=images.device)
-                wins = ((image_features[own] - neg_image_features).float() * text_features[own].float()).sum(-1) > 0
-                self.log("train/image_negative_acc", wins.float().mean(), batch_size=len(copy_owners))
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/logit_scale", scale.detach().float(), batch_size=bs)
         return loss
