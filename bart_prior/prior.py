@@ -114,7 +114,8 @@ class BartPrior(torch.nn.Module):
         rows = [(p, c) for p in range(len(prompts)) for c in range(num_candidates)]
         batch_size = batch_size or len(rows)
         decoder_rows = min(batch_size, len(rows)) * (1 if empty is None else 2)
-        precision = resolve_precision(precision, next(self.model.parameters()).device, decoder_rows)
+        precision = resolve_precision(precision, next(self.model.parameters()).device, decoder_rows,
+                                      self.model.cfg.d_model)
         opts = SamplingOptions(condition_scale, temperature, top_k, top_p, precision)
         length = self.config.seq_len
         out = torch.empty(len(rows), length, dtype=torch.long)

@@ -31,15 +31,21 @@ class SamplingOptions:
     precision: str = "fp32"
 
 
-def resolve_precision(precision: str, device: torch.device, rows: int = 32) -> str:
+# bf16 matrix products pay on a CPU only once a decoder batch carries enough work; measured as rows x d_model
+# (bench and README, prior sampling): d_model 128 on an AVX512-bf16 EPYC, bf16 vs fp32 speed 0.82-0.86x at 16-32 rows,
+# 0.90-1.03x at 64, 1.05-1.07x at 256 (session 10); d_model 192, 0.66x at 2 rows and 1.1x at 32 (session 2).
+CPU_BF16_MIN_WORK = 16384
+
+
+def resolve_precision(precision: str, device: torch.device, rows: int = 32, d_model: int = 1024) -> str:
     """'auto' -> 'bf16' where it is faster: where bf16 matrix products are fast (launch.hardware), and on CPUs only
-    once a decoder batch has at least 16 rows (below that the conversions cost more than the bf16 products save:
-    measured 0.66x at 2 rows, 1.1x at 32 rows on an AVX512-bf16 EPYC, bench/prior_sampling.py)."""
+    once a decoder batch has ``rows x d_model >= CPU_BF16_MIN_WORK`` (below that the conversions cost more than the
+    bf16 products save: 128 rows for the shapes prior, 16 for a 1024-wide one)."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got '{precision}'")
     if precision != "auto":
         return precision
-    fast = bf16_is_fast(device) and (device.type != "cpu" or rows >= 16)
+    fast = bf16_is_fast(device) and (device.type != "cpu" or rows * d_model >= CPU_BF16_MIN_WORK)
     return "bf16" if fast else "fp32"
 
 

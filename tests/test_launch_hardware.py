@@ -22,9 +22,11 @@ def test_auto_follows_the_cpu(cpu_bf16):
     assert bf16_is_fast("cpu") is cpu_bf16
     assert bf16_is_fast(torch.device("cpu")) is cpu_bf16
     assert resolve_trainer_precision("auto", "cpu") == ("bf16-mixed" if cpu_bf16 else "32-true")
-    # sampling: bf16 on such a CPU only for batches of 16+ rows (below, the conversions cost more than they save)
-    assert resolve_precision("auto", torch.device("cpu"), rows=32) == ("bf16" if cpu_bf16 else "fp32")
+    # sampling: bf16 on such a CPU only for batches with enough work (below, the conversions cost more than they save)
+    assert resolve_precision("auto", torch.device("cpu"), rows=32) == ("bf16" if cpu_bf16 else "fp32")  # 1024 wide
     assert resolve_precision("auto", torch.device("cpu"), rows=2) == "fp32"
+    assert resolve_precision("auto", torch.device("cpu"), rows=32, d_model=128) == "fp32"  # the shapes prior
+    assert resolve_precision("auto", torch.device("cpu"), rows=256, d_model=128) == ("bf16" if cpu_bf16 else "fp32")
 
 
 def test_explicit_precision_is_kept(cpu_bf16):
