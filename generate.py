@@ -17,6 +17,8 @@ import sys
 import numpy as np
 import torch
 
+from launch.pipeline import RANK_SHIFTS
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="candidates sampled, decoded and scored at a time")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="the prior's matrix products; auto = bf16 on CUDA with bf16 and on AVX512-bf16 CPUs")
+    p.add_argument("--rank-shifts", type=int, default=RANK_SHIFTS,
+                   help="CLIP scores averaged over the image and its translations by up to N pixels (1 + 8N views; "
+                        "0 = the image alone)")
     p.add_argument("--no-rank", action="store_true", help="keep the first K candidates, no CLIP")
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
@@ -47,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.candidates < 1 or args.keep < 1:
         print("error: --candidates and --keep must be at least 1", file=sys.stderr)
+        return 2
+    if args.rank_shifts < 0:
+        print("error: --rank-shifts must be 0 or more", file=sys.stderr)
         return 2
     try:
         pipe = Pipeline.from_pretrained(args.bundle, vqgan=args.vqgan, prior=args.prior, clip=args.clip,
@@ -61,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     results = pipe(args.prompts, num_candidates=args.candidates, keep=args.keep,
                    condition_scale=args.condition_scale, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, rank=rank,
-                   precision=args.precision)
+                   precision=args.precision, rank_shifts=args.rank_shifts)
     os.makedirs(args.out, exist_ok=True)
     rows, records = [], []
     for i, (prompt, ranked) in enumerate(zip(args.prompts, results)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
@@ -13,25 +14,45 @@ from clip_rank.model import ClipModel
 Images = Union[torch.Tensor, Sequence[Union[torch.Tensor, Image.Image]]]
 
 
+def shift_offsets(shifts: int) -> list[tuple[int, int]]:
+    """(dx, dy) pixel offsets of the test-time views: (0, 0), then for each r = 1..shifts the 8 translations by
+    (-r, 0 or r) x (-r, 0 or r). ``shifts`` 2 gives 17 views."""
+    if shifts < 0:
+        raise ValueError(f"shifts must be >= 0, got {shifts}")
+    return [(0, 0)] + [(r * a, r * b) for r in range(1, shifts + 1) for a in (-1, 0, 1) for b in (-1, 0, 1) if a or b]
+
+
 class ClipRanker:
     """Cosine similarity between prompts and images, with the model's own preprocessing.
 
     Images are PIL images (through open_clip's own eval transform) or tensors in [-1, 1], either one (B, 3, H, W)
     tensor or a list of (3, H, W) tensors (resized/cropped/normalised the same way as the transform does).
+
+    ``shifts`` (test-time views): :meth:`score` averages the cosine over the image and its translations by up to
+    ``shifts`` pixels at the model's input size (:func:`shift_offsets`; edges replicated), at 1 + 8 x shifts the
+    image-tower cost. Why: a small detail (a corner of a 16-px square) falls differently on the patch grid at each
+    offset, and the averaged score is steadier; on three demo bundles (384 prompts x 16 candidates each) 17 views
+    lifted the ranking gain over a random candidate by +3.1 / +1.1 / +2.6 points (README, demo, session 11).
     """
 
-    def __init__(self, model: ClipModel, device: Union[str, torch.device] = "cpu", batch_size: int = 64) -> None:
+    def __init__(self, model: ClipModel, device: Union[str, torch.device] = "cpu", batch_size: int = 64,
+                 shifts: int = 0) -> None:
         self.model = model.eval().to(device)
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
+        self.offsets = shift_offsets(int(shifts))
         pp = {k: v for k, v in model.preprocess_cfg.items() if k in PreprocessCfg.__dataclass_fields__}
         self.transform = image_transform_v2(PreprocessCfg(**pp), is_train=False)
 
     @classmethod
-    def from_pretrained(cls, folder: str, device: Union[str, torch.device] = "cpu",
-                        batch_size: int = 64) -> "ClipRanker":
+    def from_pretrained(cls, folder: str, device: Union[str, torch.device] = "cpu", batch_size: int = 64,
+                        shifts: int = 0) -> "ClipRanker":
         """Load an exported folder (open_clip_config.json + open_clip_model.safetensors)."""
-        return cls(load_clip(folder), device=device, batch_size=batch_size)
+        return cls(load_clip(folder), device=device, batch_size=batch_size, shifts=shifts)
+
+    @property
+    def shifts(self) -> int:
+        return max(max(abs(dx), abs(dy)) for dx, dy in self.offsets)
 
     def _pixels(self, images: Images) -> list[torch.Tensor]:
         """-> chunks of model-ready pixels, at most ``batch_size`` images each."""
@@ -73,6 +94,21 @@ class ClipRanker:
         """Unit-length image embeddings (N, D)."""
         return torch.cat([self.model.encode_preprocessed(px).float() for px in self._pixels(images)])
 
+    def _view_features(self, images: Images, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Unit image embeddings averaged over the test-time views (N, D); with one view, unit length."""
+        out = []
+        s = max(max(abs(dx), abs(dy)) for dx, dy in offsets)
+        for px in self._pixels(images):
+            if s == 0:
+                out.append(self.model.encode_preprocessed(px).float())
+                continue
+            h, w = px.shape[-2:]
+            padded = F.pad(px, (s, s, s, s), mode="replicate")
+            views = [self.model.encode_preprocessed(padded[..., s + dy:s + dy + h, s + dx:s + dx + w]).float()
+                     for dx, dy in offsets]
+            out.append(torch.stack(views).mean(0))
+        return torch.cat(out)
+
     @torch.inference_mode()
     def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
         """Unit-length text embeddings (N, D)."""
@@ -81,12 +117,13 @@ class ClipRanker:
                           for i in range(0, len(prompts), self.batch_size)])
 
     @torch.inference_mode()
-    def score(self, prompts: Union[str, Sequence[str]], images: Images) -> torch.Tensor:
-        """Cosine similarity of each image with its prompt: (N,) floats on the CPU.
+    def score(self, prompts: Union[str, Sequence[str]], images: Images, shifts: Optional[int] = None) -> torch.Tensor:
+        """Cosine similarity of each image with its prompt, averaged over the test-time views: (N,) floats on the CPU.
 
-        ``prompts`` is one prompt for all images, or one per image.
+        ``prompts`` is one prompt for all images, or one per image. ``shifts``: this call's views (None: the
+        ranker's own).
         """
-        img = self.image_features(images)
+        img = self._view_features(images, self.offsets if shifts is None else shift_offsets(int(shifts)))
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)
@@ -99,11 +136,12 @@ class ClipRanker:
         return (img * txt).sum(-1).cpu()
 
     @torch.inference_mode()
-    def rank(self, prompt: str, images: Images, k: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def rank(self, prompt: str, images: Images, k: Optional[int] = None,
+             shifts: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` best images for ``prompt`` (all when k is None): (indices, scores), best first."""
         if not isinstance(prompt, str):
             raise ValueError("rank takes one prompt (a string); use score() for one prompt per image")
-        scores = self.score(prompt, images)
+        scores = self.score(prompt, images, shifts)
         order = torch.sort(scores, descending=True, stable=True).indices
         if k is not None:
             if k < 1:

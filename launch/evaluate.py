@@ -136,24 +136,19 @@ def _draw(pipe: Any, prompts: Sequence[tuple[str, bool]], candidates: int, scale
     return drawn
 
 
-def _ranked(ranker: Any, prompts: Sequence[tuple[str, bool]], drawn: list) -> list[dict]:
+def _ranked(ranker: Any, prompts: Sequence[tuple[str, bool]], drawn: list, shifts: int = 0) -> list[dict]:
     rows = []
     for (prompt, held_out), (images, _, verdicts) in zip(prompts, drawn):
-        clip_scores = ranker.score([prompt] * len(images), images)
+        clip_scores = ranker.score([prompt] * len(images), images, shifts=shifts)
         rows.append({"prompt": prompt, "held_out": held_out, "clip_best": int(clip_scores.argmax()),
                      "clip_scores": clip_scores.tolist(), "candidates": verdicts})
     return rows
 
 
-def generation_eval(pipe: Any, prompts: Sequence[tuple[str, bool]], candidates: int, scale: float, seed: int = 0,
-                    batch_size: int = 256, temperature: float = 1.0,
-                    precision: str = "auto") -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
-    """Oracle scores of every candidate of every prompt at one condition scale and temperature.
-
-    ``batch_size``: candidates per decoder batch; with the shapes prior on 2 CPU threads 256 sampled at 41.5 ms per
-    sequence, 128 at 44.6 and 64 at 61.3 (fuller matrix products, fewer Python steps per sequence)."""
-    drawn = _draw(pipe, prompts, candidates, scale, seed, batch_size, temperature, precision)
-    per_prompt = _ranked(pipe.ranker, prompts, drawn)
+def _evaluate(ranker: Any, prompts: Sequence[tuple[str, bool]], drawn: list,
+              shifts: int) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
+    """(summaries, per-prompt rows, each prompt's uint8 candidates in ranked order) of one draw."""
+    per_prompt = _ranked(ranker, prompts, drawn, shifts)
     images_by_prompt = {row["prompt"]: u8[torch.tensor(row["clip_scores"]).argsort(descending=True)]
                         for row, (_, u8, _) in zip(per_prompt, drawn)}
     return _summaries(per_prompt), per_prompt, images_by_prompt
@@ -161,7 +156,7 @@ def generation_eval(pipe: Any, prompts: Sequence[tuple[str, bool]], candidates: 
 
 def compare_rankers(out: str, clips: Sequence[str], num_seen: int = 64, num_heldout: int = 64, candidates: int = 16,
                     scale: Optional[float] = None, temperature: Optional[float] = None, seed: int = 0,
-                    batch_size: int = 256) -> dict[str, dict]:
+                    batch_size: int = 256, rank_shifts: int = 0) -> dict[str, dict]:
     """Rank the same candidates with several CLIP export folders: ``out/bundle``'s prior draws them (at its stored
     defaults unless ``scale``/``temperature`` are given) and the oracle scores them once, so the summaries differ only
     by the ranker. Returns {clip folder: summaries as in the report, plus its candidates curve}."""
@@ -173,7 +168,7 @@ def compare_rankers(out: str, clips: Sequence[str], num_seen: int = 64, num_held
     drawn = _draw(pipe, prompts, candidates, scale, seed, batch_size, temperature, "auto")
     results = {}
     for clip in clips:
-        rows = _ranked(ClipRanker.from_pretrained(clip, device=pipe.device), prompts, drawn)
+        rows = _ranked(ClipRanker.from_pretrained(clip, device=pipe.device), prompts, drawn, rank_shifts)
         results[clip] = {**_summaries(rows), "candidates_curve": candidates_curve(rows, curve_points(candidates))}
     return results
 
@@ -204,6 +199,8 @@ def _markdown(report: dict) -> str:
              "CLIP-ranked all-correct over all prompts in the sweeps; stored as the bundle prior's defaults), "
              f"{report['candidates']} candidates per prompt.", "",
              "## Prompt fidelity (shapes oracle), chosen settings", "",
+             f"Ranked as generate.py ranks: CLIP averaged over {1 + 8 * report['rank_shifts']} shifted view(s) of "
+             f"each image (--rank-shifts {report['rank_shifts']}).", "",
              "| split | prompts | random all-correct | CLIP-best all-correct | ranking gain (95% CI) | "
              "oracle-best (ceiling) |", "|---|---|---|---|---|---|"]
     chosen = report["chosen"]
@@ -213,19 +210,23 @@ def _markdown(report: dict) -> str:
                      f"{_fmt(s['oracle_best_all'])} |")
     lines += ["", "Ranking gain: CLIP-best minus random all-correct, in points; the interval is a bootstrap over "
               "prompts."]
+    one = report.get("chosen_one_view", {}).get("all")
+    if one and report["rank_shifts"]:
+        lines += ["", f"With one view per image (how the sweeps below rank): CLIP-best all-correct "
+                  f"{_fmt(one['clip_best_all'])}, ranking gain {100 * one['ranking_gain']:+.1f}."]
     lines += ["", "Per attribute, CLIP-best (random):", "", "| split | " + " | ".join(ATTRIBUTES) + " |",
               "|---|" + "---|" * len(ATTRIBUTES)]
     for split, s in chosen.items():
         cells = [f"{_fmt(s[f'clip_best_{a}'])} ({_fmt(s[f'random_{a}'])})" for a in ATTRIBUTES]
         lines.append(f"| {split} | " + " | ".join(cells) + " |")
     lines += ["", f"## Condition-scale sweep at temperature {next(iter(report['temperature_sweep']))} (all prompts)", "",
-              "| scale | random all-correct | CLIP-best all-correct | oracle-best |", "|---|---|---|---|"]
+              "| scale | random all-correct | CLIP-best all-correct (1 view) | oracle-best |", "|---|---|---|---|"]
     for scale, sw in report["sweep"].items():
         s = sw["all"]
         lines.append(f"| {scale} | {_fmt(s['random_all'])} | {_fmt(s['clip_best_all'])} | "
                      f"{_fmt(s['oracle_best_all'])} |")
     lines += ["", f"## Temperature sweep at scale {report['condition_scale']} (all prompts)", "",
-              "| temperature | random all-correct | CLIP-best all-correct | oracle-best |", "|---|---|---|---|"]
+              "| temperature | random all-correct | CLIP-best all-correct (1 view) | oracle-best |", "|---|---|---|---|"]
     for t, sw in report["temperature_sweep"].items():
         s = sw["all"]
         lines.append(f"| {t} | {_fmt(s['random_all'])} | {_fmt(s['clip_best_all'])} | {_fmt(s['oracle_best_all'])} |")
@@ -266,34 +267,42 @@ def set_sampling_defaults(prior_dir: str, scale: float, temperature: float) -> N
 
 
 def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, scales: Sequence[float],
-                 temperatures: Sequence[float] = (1.0,), timings: Optional[dict] = None, seed: int = 0) -> dict:
+                 temperatures: Sequence[float] = (1.0,), timings: Optional[dict] = None, seed: int = 0,
+                 rank_shifts: Optional[int] = None) -> dict:
     """Evaluate the bundle in ``out/bundle``; write report.json, report.md and grid.png into ``out``. The scale sweep
-    samples at ``temperatures[0]``; the other temperatures are then tried at the best scale.
-    ``timings``: seconds per stage run before; the report adds its own."""
-    from launch.pipeline import Pipeline
+    samples at ``temperatures[0]``; the other temperatures are then tried at the best scale. The sweeps rank with one
+    CLIP view (17x cheaper); the chosen setting is then ranked as generate.py ranks it, with ``rank_shifts`` test-time
+    views (default launch.pipeline.RANK_SHIFTS). ``timings``: seconds per stage run before; the report adds its own."""
+    from launch.pipeline import RANK_SHIFTS, Pipeline
 
     started = time.time()
+    rank_shifts = RANK_SHIFTS if rank_shifts is None else rank_shifts
     pipe = Pipeline.from_pretrained(os.path.join(out, "bundle"))
     prompts = val_prompts(out, num_seen, num_heldout)
     recon = reconstruction_eval(pipe.vqgan, os.path.join(out, "shapes", "val", "*.tar"), pipe.vqgan.image_size)
-    sweep, details, grids = {}, {}, {}
+    runs: dict[str, tuple] = {}  # details key -> (summaries, per-prompt rows, ranked images, drawn candidates)
+
+    def run(key: str, scale: float, t: float) -> dict:
+        drawn = _draw(pipe, prompts, candidates, scale, seed, 256, t, "auto")
+        runs[key] = (*_evaluate(pipe.ranker, prompts, drawn, shifts=0), drawn)
+        return runs[key][0]
+
     base_t = float(temperatures[0])  # the scale sweep's temperature; the others are tried at the best scale
-    for scale in scales:
-        sweep[str(scale)], details[str(scale)], grids[str(scale)] = generation_eval(pipe, prompts, candidates, scale,
-                                                                                     seed=seed, temperature=base_t)
+    sweep = {str(scale): run(str(scale), scale, base_t) for scale in scales}
     best = max(scales, key=lambda s: (sweep[str(s)]["all"]["clip_best_all"], -s))
-    # temperature -> (summaries, per-prompt rows, ranked images); the base temperature's run is the best scale's
-    t_runs = {str(base_t): (sweep[str(best)], details[str(best)], grids[str(best)])}
+    t_keys = {str(base_t): str(best)}  # temperature -> its run at the best scale
     for t in map(float, temperatures[1:]):
-        if str(t) not in t_runs:
-            t_runs[str(t)] = generation_eval(pipe, prompts, candidates, best, seed=seed, temperature=t)
-            details[f"{best}@T{t}"] = t_runs[str(t)][1]
-    t_sweep = {t: run[0] for t, run in t_runs.items()}
+        if str(t) not in t_keys:
+            t_keys[str(t)] = f"{best}@T{t}"
+            run(t_keys[str(t)], best, t)
+    t_sweep = {t: runs[key][0] for t, key in t_keys.items()}
     best_t = max(t_sweep, key=lambda t: (t_sweep[t]["all"]["clip_best_all"], float(t)))
-    _, chosen_rows, chosen_grids = t_runs[best_t]
+    chosen, chosen_rows, chosen_grids = _evaluate(pipe.ranker, prompts, runs[t_keys[best_t]][3], rank_shifts)
+    details = {key: r[1] for key, r in runs.items()} | {"chosen": chosen_rows}
     set_sampling_defaults(os.path.join(out, "bundle", "bart_prior"), best, float(best_t))
-    report = {"condition_scale": best, "temperature": float(best_t), "chosen": t_sweep[best_t],
-              "temperature_sweep": t_sweep, "candidates": candidates, "seed": seed, "sweep": sweep,
+    report = {"condition_scale": best, "temperature": float(best_t), "rank_shifts": rank_shifts, "chosen": chosen,
+              "chosen_one_view": t_sweep[best_t], "temperature_sweep": t_sweep, "candidates": candidates,
+              "seed": seed, "sweep": sweep,
               "candidates_curve": candidates_curve(chosen_rows, curve_points(candidates)),
               "reconstruction": recon,
               "prior": _last_metrics(os.path.join(out, "bart_prior"),
@@ -325,9 +334,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--candidates", type=int, default=16)
     p.add_argument("--condition-scale", type=float)
     p.add_argument("--temperature", type=float)
+    p.add_argument("--rank-shifts", type=int, default=None,
+                   help="CLIP test-time shift views, as generate.py's (default: launch.pipeline.RANK_SHIFTS)")
     args = p.parse_args(argv)
+    from launch.pipeline import RANK_SHIFTS
+
+    shifts = RANK_SHIFTS if args.rank_shifts is None else args.rank_shifts
     results = compare_rankers(args.out, args.clip, *args.prompts, candidates=args.candidates,
-                              scale=args.condition_scale, temperature=args.temperature)
+                              scale=args.condition_scale, temperature=args.temperature, rank_shifts=shifts)
+    print(f"Ranked with {1 + 8 * shifts} CLIP view(s) per image (--rank-shifts {shifts}).\n")
     print("| CLIP | random all-correct | CLIP-best all-correct | ranking gain (95% CI) | oracle-best |\n|---|---|---|---|---|")
     for clip, summary in results.items():
         s = summary["all"]

@@ -18,6 +18,12 @@ from launch.images import to_uint8
 
 log = logging.getLogger(__name__)
 
+# Test-time shift views for CLIP ranking (clip_rank.ClipRanker): the image and its translations by 1 and 2 pixels,
+# 17 views. On three demo bundles (384 prompts x 16 candidates) they lifted the ranking gain over a random candidate
+# from +6.8 / +8.2 / +4.9 to +9.9 / +9.3 / +7.5 points, for 17x the image-tower cost (at the demo size ~0.3 s per 16
+# candidates on 2 CPU threads, next to ~0.5 s of sampling). 0 = one view.
+RANK_SHIFTS = 2
+
 
 @dataclass
 class GeneratedImage:
@@ -61,9 +67,12 @@ class Pipeline:
     def __call__(self, prompts: Sequence[str] | str, num_candidates: int = 16, keep: int = 4,
                  condition_scale: Optional[float] = None, temperature: Optional[float] = None, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, seed: int = 0, batch_size: int = 16, rank: bool = True,
-                 progress: bool = True, precision: str = "auto") -> list[list[GeneratedImage]]:
+                 progress: bool = True, precision: str = "auto",
+                 rank_shifts: int = RANK_SHIFTS) -> list[list[GeneratedImage]]:
         """For each prompt, ``keep`` images, best CLIP score first (or the first ``keep`` with ``rank=False``).
 
+        ``rank_shifts``: CLIP scores are averaged over the image and its translations by up to this many pixels
+        (1 + 8 x rank_shifts views; 0 = the image alone).
         ``precision``: the prior's matrix products in "bf16" or "fp32"; "auto" = bf16 where the device is fast at
         it (CUDA with bf16, AVX512-bf16 CPUs). The VQGAN always decodes in fp32."""
         if isinstance(prompts, str):
@@ -79,7 +88,8 @@ class Pipeline:
             codes = self.prior.generate([prompt], num_candidates=num_candidates, seed=seed, **kwargs)[0]
             images = self.decode(codes, batch_size)
             if rank:
-                scores = torch.cat([self.ranker.score([prompt] * len(c), c) for c in images.split(batch_size)])
+                scores = torch.cat([self.ranker.score([prompt] * len(c), c, shifts=rank_shifts)
+                                    for c in images.split(batch_size)])
                 order = scores.argsort(descending=True)[:keep].tolist()
             else:
                 scores, order = None, list(range(keep))

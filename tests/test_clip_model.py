@@ -122,3 +122,36 @@ def test_ranker_scores_are_cosines_and_rank_follows_them(exported):
         ranker.score(prompts[:2], images)
     with pytest.raises(ValueError, match=r"in \[-1, 1\]"):
         ranker.score(prompts[0], images * 255)
+
+
+def _translated(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """out[y, x] = images[y + dy, x + dx], indices clamped at the edges (edge pixels repeated)."""
+    h, w = images.shape[-2:]
+    ys = (torch.arange(h) + dy).clamp(0, h - 1)
+    xs = (torch.arange(w) + dx).clamp(0, w - 1)
+    return images[..., ys, :][..., xs]
+
+
+def test_shift_views_average_the_cosine_over_translated_images(exported):
+    from clip_rank.ranker import shift_offsets
+
+    assert shift_offsets(0) == [(0, 0)]
+    views = shift_offsets(2)
+    assert len(views) == 17 == len(set(views)) and views[0] == (0, 0)
+    assert {max(abs(dx), abs(dy)) for dx, dy in views} == {0, 1, 2} and set(views) == {(-x, -y) for x, y in views}
+    with pytest.raises(ValueError, match="shifts"):
+        shift_offsets(-1)
+
+    plain = ClipRanker.from_pretrained(exported, batch_size=3)
+    shifted = ClipRanker.from_pretrained(exported, batch_size=3, shifts=2)
+    assert (plain.shifts, shifted.shifts) == (0, 2)
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1  # the model's input size
+    prompt = "a red square on the left"
+    expected = torch.stack([plain.score(prompt, _translated(images, dx, dy)) for dx, dy in views]).mean(0)
+    torch.testing.assert_close(shifted.score(prompt, images), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plain.score(prompt, images, shifts=2), expected, atol=1e-5, rtol=0)  # per call
+    torch.testing.assert_close(shifted.score(prompt, images, shifts=0), plain.score(prompt, images))
+    assert not torch.allclose(expected, plain.score(prompt, images), atol=1e-4)  # the views do change the score
+    order, top = shifted.rank(prompt, images)
+    torch.testing.assert_close(top, expected[order], atol=1e-5, rtol=0)
+    assert bool((top[:-1] >= top[1:]).all())

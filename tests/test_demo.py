@@ -40,7 +40,10 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert Image.open(out / "grid.png").size[0] > 32
     assert set(report["candidates_curve"]) == {"1", "2", "4"}  # tiny preset: 4 candidates
     assert report["candidates_curve"]["4"]["all"]["clip_best_all"] == report["chosen"]["all"]["clip_best_all"]
-    assert "Prompt fidelity" in open(out / "report.md").read()
+    # the chosen setting is ranked as generate.py ranks (17 shifted CLIP views), the sweeps with one view
+    assert report["rank_shifts"] == 2 and report["chosen_one_view"] == report["temperature_sweep"][str(report["temperature"])]
+    md = open(out / "report.md").read()
+    assert "Prompt fidelity" in md and "over 17 shifted view(s)" in md and "With one view per image" in md
     # two lanes side by side, one thread each (2 cores here): encode -> tokenizer -> prior, and CLIP; a log per stage
     assert "[encode -> tokenizer -> bart_prior | clip]" in res.stdout
     assert "trainer.num_threads=" in res.stdout and "--threads" in res.stdout
@@ -56,8 +59,11 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path, capsys):
     for clip in clips:
         for key in ("random_all", "clip_best_all", "oracle_best_all", "ranking_gain"):
             assert compared[clip]["all"][key] == report["sweep"]["1.0"]["all"][key], (clip, key)
-    if report["temperature"] == 1.0 and report["condition_scale"] == 1.0:  # the report's curve is of the same rows
-        assert compared[clips[0]]["candidates_curve"] == report["candidates_curve"]
+    chosen = compare_rankers(str(out), clips[:1], 3, 3, candidates=4, scale=report["condition_scale"],
+                             temperature=report["temperature"], rank_shifts=2)[clips[0]]
+    assert chosen["candidates_curve"] == report["candidates_curve"]
+    for key in ("random_all", "clip_best_all", "ranking_gain"):
+        assert chosen["all"][key] == report["chosen"]["all"][key], key
     assert set(compared[clips[1]]["candidates_curve"]) == {"1", "2", "4"}
     assert evaluate_main(["--out", str(out), "--clip", clips[0], "--prompts", "1", "1", "--candidates", "2"]) == 0
     assert "Candidates curve" in capsys.readouterr().out

@@ -107,3 +107,18 @@ def test_no_rank_keeps_the_first_candidates(bundle):
                 keep=2, rank=False, progress=False)
     assert [[r.candidate for r in row] for row in kept] == [[0, 1], [0, 1]]
     assert all(r.score is None for row in kept for r in row)
+
+
+def test_ranking_averages_clip_over_shifted_views(bundle, tmp_path):
+    from launch.pipeline import RANK_SHIFTS
+
+    pipe = Pipeline.from_pretrained(bundle, device="cpu")
+    images = pipe.decode(pipe.prior.generate(["a red circle"], 4, seed=1)[0])
+    assert RANK_SHIFTS == 2
+    for shifts in (RANK_SHIFTS, 0):
+        kept = pipe("a red circle", num_candidates=4, keep=4, seed=1, rank_shifts=shifts, progress=False)[0]
+        expected = pipe.ranker.score("a red circle", images, shifts=shifts)
+        assert [r.score for r in kept] == pytest.approx(expected[[r.candidate for r in kept]].tolist(), abs=1e-5)
+    res = subprocess.run([sys.executable, "generate.py", "--bundle", bundle, "x", "--rank-shifts", "-1", "--out",
+                          str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip() == "error: --rank-shifts must be 0 or more"
