@@ -2,25 +2,30 @@
 the share of each stage, at the demo size and at DALL·E Mini's size (random weights: speed, not quality).
 
     python bench/generate.py [--sizes demo mini] [--candidates 16] [--scale 3] [--repeats 2] [--threads N]
+                             [--rank-shifts N]
+
+Ranking uses generate.py's default test-time views (launch.pipeline.RANK_SHIFTS: 17 shifted copies per image).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 
 import torch
+from omegaconf import OmegaConf
 
 from bart_prior import BartPrior, train_tokenizer
 from bart_prior import preset as prior_preset
 from clip_rank import ClipRanker, build_clip
+from launch.pipeline import RANK_SHIFTS
 from vqgan import VQGAN
 from vqgan import preset as vq_preset
 
-SHAPES_CLIP = {"embed_dim": 128,
-               "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 128, "layers": 3, "head_width": 32},
-               "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2}}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPES_CLIP = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "configs/clip_rank/shapes.yaml")).model.arch)
 SIZES = {  # (VQGAN preset, prior preset, CLIP)
     "demo": ("shapes", "shapes", {"arch": SHAPES_CLIP}),
     "mini": ("f16-16384", "mini", {"name": "ViT-B-32"}),
@@ -38,14 +43,14 @@ def build(size: str, tok_dir: str):
     return vq, prior, ranker
 
 
-def once(vq, prior, ranker, candidates: int, scale: float) -> dict[str, float]:
+def once(vq, prior, ranker, candidates: int, scale: float, shifts: int = RANK_SHIFTS) -> dict[str, float]:
     t0 = time.perf_counter()
     codes = prior.generate([PROMPT], num_candidates=candidates, condition_scale=scale, seed=0)[0]
     t1 = time.perf_counter()
     with torch.inference_mode():
         images = vq.decode(codes.view(-1, *vq.grid))
     t2 = time.perf_counter()
-    scores = ranker.score(PROMPT, images)
+    scores = ranker.score(PROMPT, images, shifts=shifts)
     t3 = time.perf_counter()
     assert scores.shape == (candidates,)
     return {"sample": t1 - t0, "decode": t2 - t1, "rank": t3 - t2, "total": t3 - t0}
@@ -58,19 +63,21 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=3.0)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--rank-shifts", type=int, default=RANK_SHIFTS, help="CLIP test-time shift views (1 + 8N)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, {args.candidates} candidates, "
-          f"guidance scale {args.scale}; median of {args.repeats} runs after one warm-up")
+          f"guidance scale {args.scale}, {1 + 8 * args.rank_shifts} CLIP view(s) per image; median of {args.repeats} "
+          "runs after one warm-up")
     print(f"| size | params (VQGAN / prior / CLIP) | s per prompt | sampling | decoding | ranking |")
     print("|---|---|---|---|---|---|")
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as tok:
             vq, prior, ranker = build(size, tok)
         params = [sum(x.numel() for x in m.parameters()) / 1e6 for m in (vq, prior, ranker.model)]
-        once(vq, prior, ranker, min(2, args.candidates), args.scale)  # warm-up
-        runs = [once(vq, prior, ranker, args.candidates, args.scale) for _ in range(args.repeats)]
+        once(vq, prior, ranker, min(2, args.candidates), args.scale, args.rank_shifts)  # warm-up
+        runs = [once(vq, prior, ranker, args.candidates, args.scale, args.rank_shifts) for _ in range(args.repeats)]
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         share = {k: 100 * med[k] / med["total"] for k in ("sample", "decode", "rank")}
         print(f"| {size} | {params[0]:.1f}M / {params[1]:.1f}M / {params[2]:.1f}M | {med['total']:.2f} | "

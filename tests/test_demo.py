@@ -115,8 +115,8 @@ def test_time_scale_multiplies_the_training_caps():
                 found.update({name: a.split("=", 1)[1] for a in cmd if a.startswith("trainer.max_time=")})
         return found
 
-    assert caps(1.0) == {"vqgan": "00:00:08:00", "bart_prior": "00:00:12:30", "clip": "00:00:14:00"}
-    assert caps(2.5) == {"vqgan": "00:00:20:00", "bart_prior": "00:00:31:15", "clip": "00:00:35:00"}
+    assert caps(1.0) == {"vqgan": "00:00:08:00", "bart_prior": "00:00:12:00", "clip": "00:00:13:30"}
+    assert caps(2.5) == {"vqgan": "00:00:20:00", "bart_prior": "00:00:30:00", "clip": "00:00:33:45"}
     assert caps(1.0).keys() == caps(2.5).keys()
     tiny = [" ".join(c) for _, _, commands in stages("/tmp/x", PRESETS["tiny"]) for c in commands]
     assert tiny and not any("max_time" in c for c in tiny)  # the tiny preset stops by steps only
