@@ -19,8 +19,8 @@ from launch.images import to_uint8
 log = logging.getLogger(__name__)
 
 # Test-time shift views for CLIP ranking (clip_rank.ClipRanker): the image and its translations by 1 and 2 pixels,
-# 17 views. On four demo bundles (384 prompts x 16 candidates each) they lifted the ranking gain over a random
-# candidate from +6.6 to +9.6 points on average (README, demo, session 11), for 17x the image-tower cost: at the demo
+# 17 views. On five demo bundles (384 prompts x 16 candidates each) they lifted the ranking gain over a random
+# candidate from +5.6 to +9.3 points on average (README, demo, session 11), for 17x the image-tower cost: at the demo
 # size ~0.3 s per prompt of 16 candidates on 2 CPU threads, next to ~1.1 s of sampling them. 0 = one view.
 RANK_SHIFTS = 2
 
