@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from bart_prior import BartPrior, train_tokenizer
 from bart_prior import preset as prior_preset
 from clip_rank import ClipRanker, build_clip
+from clip_rank.ranker import shift_offsets
 from launch.pipeline import RANK_SHIFTS
 from vqgan import VQGAN
 from vqgan import preset as vq_preset
@@ -68,7 +69,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, {args.candidates} candidates, "
-          f"guidance scale {args.scale}, {1 + 8 * args.rank_shifts} CLIP view(s) per image; median of {args.repeats} "
+          f"guidance scale {args.scale}, {len(shift_offsets(args.rank_shifts))} CLIP view(s) per image; median of "
+          f"{args.repeats} "
           "runs after one warm-up")
     print(f"| size | params (VQGAN / prior / CLIP) | s per prompt | sampling | decoding | ranking |")
     print("|---|---|---|---|---|---|")

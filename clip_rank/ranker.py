@@ -40,7 +40,8 @@ class ClipRanker:
         self.model = model.eval().to(device)
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
-        self.offsets = shift_offsets(int(shifts))
+        shift_offsets(int(shifts))  # validates
+        self.shifts = int(shifts)
         pp = {k: v for k, v in model.preprocess_cfg.items() if k in PreprocessCfg.__dataclass_fields__}
         self.transform = image_transform_v2(PreprocessCfg(**pp), is_train=False)
 
@@ -49,10 +50,6 @@ class ClipRanker:
                         shifts: int = 0) -> "ClipRanker":
         """Load an exported folder (open_clip_config.json + open_clip_model.safetensors)."""
         return cls(load_clip(folder), device=device, batch_size=batch_size, shifts=shifts)
-
-    @property
-    def shifts(self) -> int:
-        return max(max(abs(dx), abs(dy)) for dx, dy in self.offsets)
 
     def _pixels(self, images: Images) -> list[torch.Tensor]:
         """-> chunks of model-ready pixels, at most ``batch_size`` images each."""
@@ -94,17 +91,17 @@ class ClipRanker:
         """Unit-length image embeddings (N, D)."""
         return torch.cat([self.model.encode_preprocessed(px).float() for px in self._pixels(images)])
 
-    def _view_features(self, images: Images, offsets: Sequence[tuple[int, int]]) -> torch.Tensor:
+    def _view_features(self, images: Images, shifts: int) -> torch.Tensor:
         """Unit image embeddings averaged over the test-time views (N, D); with one view, unit length."""
+        offsets = shift_offsets(shifts)
+        if shifts == 0:
+            return self.image_features(images)
         out = []
-        s = max(max(abs(dx), abs(dy)) for dx, dy in offsets)
         for px in self._pixels(images):
-            if s == 0:
-                out.append(self.model.encode_preprocessed(px).float())
-                continue
             h, w = px.shape[-2:]
-            padded = F.pad(px, (s, s, s, s), mode="replicate")
-            views = [self.model.encode_preprocessed(padded[..., s + dy:s + dy + h, s + dx:s + dx + w]).float()
+            padded = F.pad(px, (shifts,) * 4, mode="replicate")
+            views = [self.model.encode_preprocessed(padded[..., shifts + dy:shifts + dy + h,
+                                                           shifts + dx:shifts + dx + w]).float()
                      for dx, dy in offsets]
             out.append(torch.stack(views).mean(0))
         return torch.cat(out)
@@ -123,7 +120,7 @@ class ClipRanker:
         ``prompts`` is one prompt for all images, or one per image. ``shifts``: this call's views (None: the
         ranker's own).
         """
-        img = self._view_features(images, self.offsets if shifts is None else shift_offsets(int(shifts)))
+        img = self._view_features(images, self.shifts if shifts is None else int(shifts))
         if isinstance(prompts, str):
             prompts = [prompts]
         prompts = list(prompts)

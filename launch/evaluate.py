@@ -145,15 +145,6 @@ def _ranked(ranker: Any, prompts: Sequence[tuple[str, bool]], drawn: list, shift
     return rows
 
 
-def _evaluate(ranker: Any, prompts: Sequence[tuple[str, bool]], drawn: list,
-              shifts: int) -> tuple[dict, list[dict], dict[str, torch.Tensor]]:
-    """(summaries, per-prompt rows, each prompt's uint8 candidates in ranked order) of one draw."""
-    per_prompt = _ranked(ranker, prompts, drawn, shifts)
-    images_by_prompt = {row["prompt"]: u8[torch.tensor(row["clip_scores"]).argsort(descending=True)]
-                        for row, (_, u8, _) in zip(per_prompt, drawn)}
-    return _summaries(per_prompt), per_prompt, images_by_prompt
-
-
 def compare_rankers(out: str, clips: Sequence[str], num_seen: int = 64, num_heldout: int = 64, candidates: int = 16,
                     scale: Optional[float] = None, temperature: Optional[float] = None, seed: int = 0,
                     batch_size: int = 256, rank_shifts: int = 0) -> dict[str, dict]:
@@ -194,13 +185,15 @@ def _fmt(x: Optional[float], pct: bool = True) -> str:
 
 
 def _markdown(report: dict) -> str:
+    from clip_rank.ranker import shift_offsets
+
     lines = ["# Demo report: text-to-image on the shapes set", "",
              f"Chosen: condition scale **{report['condition_scale']}**, temperature **{report['temperature']}** (best "
              "CLIP-ranked all-correct over all prompts in the sweeps; stored as the bundle prior's defaults), "
              f"{report['candidates']} candidates per prompt.", "",
              "## Prompt fidelity (shapes oracle), chosen settings", "",
-             f"Ranked as generate.py ranks: CLIP averaged over {1 + 8 * report['rank_shifts']} shifted view(s) of "
-             f"each image (--rank-shifts {report['rank_shifts']}).", "",
+             f"Ranked as generate.py ranks: CLIP averaged over {len(shift_offsets(report['rank_shifts']))} shifted "
+             f"view(s) of each image (--rank-shifts {report['rank_shifts']}).", "",
              "| split | prompts | random all-correct | CLIP-best all-correct | ranking gain (95% CI) | "
              "oracle-best (ceiling) |", "|---|---|---|---|---|---|"]
     chosen = report["chosen"]
@@ -280,15 +273,16 @@ def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, sca
     pipe = Pipeline.from_pretrained(os.path.join(out, "bundle"))
     prompts = val_prompts(out, num_seen, num_heldout)
     recon = reconstruction_eval(pipe.vqgan, os.path.join(out, "shapes", "val", "*.tar"), pipe.vqgan.image_size)
-    # details key -> (summaries, per-prompt rows, ranked images, drawn candidates); the candidates stay in memory
-    # (~125 MB per draw at the demo size) so that the chosen draw can be ranked again with more views
+    # details key -> (summaries, per-prompt rows, drawn candidates); the candidates stay in memory (~125 MB per draw
+    # at the demo size) so that the chosen draw can be ranked again with more views
     runs: dict[str, tuple] = {}
 
     def run(key: str, scale: float, t: float) -> dict:
         # 256 candidates per decoder batch: with the shapes prior on 2 CPU threads they sampled at 41.5 ms per
         # sequence, 128 at 44.6 and 64 at 61.3 (fuller matrix products, fewer Python steps per sequence)
         drawn = _draw(pipe, prompts, candidates, scale, seed, 256, t, "auto")
-        runs[key] = (*_evaluate(pipe.ranker, prompts, drawn, shifts=0), drawn)
+        rows = _ranked(pipe.ranker, prompts, drawn)  # one view: the sweeps only pick the setting
+        runs[key] = (_summaries(rows), rows, drawn)
         return runs[key][0]
 
     base_t = float(temperatures[0])  # the scale sweep's temperature; the others are tried at the best scale
@@ -301,7 +295,11 @@ def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, sca
             run(t_keys[str(t)], best, t)
     t_sweep = {t: runs[key][0] for t, key in t_keys.items()}
     best_t = max(t_sweep, key=lambda t: (t_sweep[t]["all"]["clip_best_all"], float(t)))
-    chosen, chosen_rows, chosen_grids = _evaluate(pipe.ranker, prompts, runs[t_keys[best_t]][3], rank_shifts)
+    chosen_drawn = runs[t_keys[best_t]][2]
+    chosen_rows = _ranked(pipe.ranker, prompts, chosen_drawn, rank_shifts)
+    chosen = _summaries(chosen_rows)
+    chosen_grids = {row["prompt"]: u8[torch.tensor(row["clip_scores"]).argsort(descending=True)]
+                    for row, (_, u8, _) in zip(chosen_rows, chosen_drawn)}
     details = {key: r[1] for key, r in runs.items()} | {"chosen": chosen_rows}
     set_sampling_defaults(os.path.join(out, "bundle", "bart_prior"), best, float(best_t))
     report = {"condition_scale": best, "temperature": float(best_t), "rank_shifts": rank_shifts, "chosen": chosen,
@@ -341,12 +339,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--rank-shifts", type=int, default=None,
                    help="CLIP test-time shift views, as generate.py's (default: launch.pipeline.RANK_SHIFTS)")
     args = p.parse_args(argv)
+    from clip_rank.ranker import shift_offsets
     from launch.pipeline import RANK_SHIFTS
 
     shifts = RANK_SHIFTS if args.rank_shifts is None else args.rank_shifts
     results = compare_rankers(args.out, args.clip, *args.prompts, candidates=args.candidates,
                               scale=args.condition_scale, temperature=args.temperature, rank_shifts=shifts)
-    print(f"Ranked with {1 + 8 * shifts} CLIP view(s) per image (--rank-shifts {shifts}).\n")
+    print(f"Ranked with {len(shift_offsets(shifts))} CLIP view(s) per image (--rank-shifts {shifts}).\n")
     print("| CLIP | random all-correct | CLIP-best all-correct | ranking gain (95% CI) | oracle-best |\n|---|---|---|---|---|")
     for clip, summary in results.items():
         s = summary["all"]
