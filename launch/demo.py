@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +41,11 @@ class Preset:
     # tokenizer and then the prior on both, the other trains CLIP (it needs only the VQGAN). On 2 CPU cores the
     # small CLIP ran 1.9 steps/s on one thread and 2.3 on two, and the prior keeps about 60% of its two-thread rate.
     lanes: tuple[tuple[str, ...], ...] = (("encode", "tokenizer", "bart_prior"), ("clip",))
+    # The whole run's target in minutes (None: the caps alone). A training stage that starts late gets only the time
+    # left until budget - reserve (the reserve pays for the bundle and the report), so a slower machine trains a
+    # little less instead of running over; both scale with --time-scale.
+    budget_minutes: Optional[float] = None
+    reserve_minutes: float = 0.0
 
 
 PRESETS = {
@@ -58,8 +63,12 @@ PRESETS = {
     # CLIP's cap shrinks by a minute to keep the run under 30 minutes (its lane was the longer one by ~50 s).
     # Session 11: the report ranks its chosen setting with 17 shifted CLIP views (launch.pipeline.RANK_SHIFTS), about
     # 40 s more report; both lanes give back 30 s for it (run 12 had ended 16 s inside the 30 minutes).
+    # Session 12: runs 13 and 14 of the same code took 28:06 and 31:23 (a ~10% slower machine: every stage slower
+    # and ~1 minute more between stages), so the lanes now also end by a deadline: 29 minutes minus 6.5 for the
+    # bundle (10-41 s) and the report (284-345 s). On run 13's timings it is not reached; on run 14's it takes
+    # about 2 minutes off each lane.
     "full": Preset(samples=24000, minutes={"vqgan": 8, "bart_prior": 12, "clip": 13.5}, scales=(1.0, 1.5, 2.0, 3.0),
-                   temperatures=(0.6,)),
+                   temperatures=(0.6,), budget_minutes=29, reserve_minutes=6.5),
     # Seconds per stage: exercises every stage and file format (the test suite runs it), not quality.
     "tiny": Preset(samples=400, config="tiny", vocab_size=300, eval_prompts=(3, 3), candidates=4, scales=(1.0, 2.0), temperatures=(1.0, 0.7),
                    vqgan=["trainer.max_steps=4", "trainer.val_check_interval=4", "data.batch_size=8"],
@@ -72,7 +81,8 @@ def _show(cmd: list[str]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
 
 
-def _run(cmd: list[str]) -> None:
+def _run(cmd: list[str], prepare: Callable[[list[str]], list[str]] = list) -> None:
+    cmd = prepare(cmd)
     print("\n$ " + _show(cmd), flush=True)
     t0 = time.time()
     subprocess.run(cmd, cwd=REPO, check=True)
@@ -89,9 +99,11 @@ def _with_threads(cmd: list[str], threads: int) -> list[str]:
     return cmd
 
 
-def _run_lanes(lanes: list[list[tuple[str, list[list[str]]]]], log_dir: str) -> dict[str, float]:
+def _run_lanes(lanes: list[list[tuple[str, list[list[str]]]]], log_dir: str,
+               prepare: Callable[[list[str]], list[str]] = list) -> dict[str, float]:
     """Run the lanes at the same time, the CPU cores split evenly between them; a lane runs its stages one after the
-    other, each stage's output in ``log_dir/STAGE.log``. Returns each stage's seconds. A failed stage ends its lane;
+    other, each stage's output in ``log_dir/STAGE.log``; ``prepare`` adjusts each command just before it starts.
+    Returns each stage's seconds. A failed stage ends its lane;
     once every lane has ended, the end of each failed stage's log is shown and CalledProcessError raised."""
     threads = max(1, (os.cpu_count() or 1) // len(lanes))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
@@ -104,7 +116,7 @@ def _run_lanes(lanes: list[list[tuple[str, list[list[str]]]]], log_dir: str) -> 
             log, t0, code = os.path.join(log_dir, f"{name}.log"), time.time(), 0
             with open(log, "w") as fh:
                 for cmd in commands:
-                    cmd = _with_threads(cmd, threads)
+                    cmd = prepare(_with_threads(cmd, threads))
                     print(f"\n$ {_show(cmd)} >> {log} 2>&1", flush=True)
                     fh.write(f"$ {_show(cmd)}\n")
                     fh.flush()
@@ -141,6 +153,37 @@ def max_time(minutes: float) -> str:
     """Minutes -> trainer.max_time's "DD:HH:MM:SS"."""
     secs = max(1, round(minutes * 60))
     return f"{secs // 86400:02d}:{secs // 3600 % 24:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}"
+
+
+def _seconds(max_time_value: str) -> int:
+    """trainer.max_time's "DD:HH:MM:SS" -> seconds."""
+    days, hours, minutes, secs = (int(x) for x in max_time_value.split(":"))
+    return ((days * 24 + hours) * 60 + minutes) * 60 + secs
+
+
+# A capped training stage ends this long after its trainer.max_time (start-up, the last validation, the export):
+# 14-30 s measured in runs 13-14. A stage never gets less than MIN_CAP_S, even past the deadline.
+STAGE_OVERHEAD_S = 30
+MIN_CAP_S = 60
+
+
+def fit_to_deadline(cmd: list[str], deadline: Optional[float], now: Optional[float] = None) -> tuple[list[str], str]:
+    """Shorten a training command's ``trainer.max_time`` so that the stage ends by ``deadline`` (a time.time()).
+
+    Returns the command (unchanged when it has no cap, when there is no deadline or when the cap already fits) and a
+    line saying what was shortened ("" when nothing was)."""
+    key = "trainer.max_time="
+    at = [i for i, c in enumerate(cmd) if c.startswith(key)]
+    if deadline is None or not at:
+        return cmd, ""
+    cap = _seconds(cmd[at[-1]][len(key):])
+    left = deadline - (time.time() if now is None else now) - STAGE_OVERHEAD_S
+    fitted = max(MIN_CAP_S, int(left))
+    if fitted >= cap:
+        return cmd, ""
+    note = (f"cap {cap / 60:.1f} -> {fitted / 60:.1f} min to end by the demo's deadline"
+            + ("" if left >= MIN_CAP_S else " (already past it: the minimum cap)"))
+    return [*cmd[:at[-1]], key + max_time(fitted / 60), *cmd[at[-1] + 1:]], note
 
 
 def stages(out: str, preset: Preset, time_scale: float = 1.0) -> list[tuple[str, Callable[[], bool], list[list[str]]]]:
@@ -189,12 +232,36 @@ def main(argv: list[str] | None = None) -> int:
                    help="multiply the training stages' wall-clock caps (full preset, minutes: " + ", ".join(
                        f"{k} {v:g}" for k, v in PRESETS["full"].minutes.items()) + "; the prior and CLIP side by "
                        "side): a slower machine buys back quality with time")
+    p.add_argument("--budget", type=float, default=None, metavar="MINUTES",
+                   help="the whole run's target (full preset: {:g}, of which {:g} are left for the bundle and the "
+                        "report; scaled by --time-scale): training stages that start late get only the time left "
+                        "before it; 0: the caps alone".format(PRESETS["full"].budget_minutes,
+                                                              PRESETS["full"].reserve_minutes))
     args = p.parse_args(argv)
+    started = time.time()
     out = os.path.abspath(args.out)
     preset = PRESETS[args.preset]
     timings: dict[str, float] = {}
     if args.time_scale <= 0:
         p.error("--time-scale must be positive")
+    budget = (preset.budget_minutes or 0) if args.budget is None else args.budget
+    if budget < 0 or (budget and budget <= preset.reserve_minutes):
+        p.error(f"--budget must be 0 or more than the {preset.reserve_minutes:g} minutes left for the report")
+    deadline = started + (budget - preset.reserve_minutes) * 60 * args.time_scale if budget else None
+    caps: dict[str, float] = {}
+
+    def prepare(cmd: list[str]) -> list[str]:
+        cmd, note = fit_to_deadline(cmd, deadline)
+        if note:
+            print(f"  [{cmd[2]}] {note}", flush=True)
+        for c in cmd:
+            if c.startswith("trainer.max_time="):
+                caps[cmd[2]] = round(_seconds(c.split("=", 1)[1]) / 60, 2)
+        return cmd
+
+    if deadline:
+        print(f"budget: {budget * args.time_scale:g} minutes; training ends by "
+              f"{time.strftime('%H:%M:%S', time.localtime(deadline))}", flush=True)
     todo = []
     for name, done, commands in stages(out, preset, args.time_scale):
         if done() and name not in args.force:
@@ -211,18 +278,18 @@ def main(argv: list[str] | None = None) -> int:
         if name in in_lanes:
             if name == min(in_lanes, key=names.index):
                 print(f"\n[{' | '.join(' -> '.join(n for n, _ in lane) for lane in lanes)}]", flush=True)
-                timings.update(_run_lanes(lanes, os.path.join(out, "logs")))
+                timings.update(_run_lanes(lanes, os.path.join(out, "logs"), prepare))
             continue
         print(f"\n[{name}]", flush=True)
         t0 = time.time()
         for cmd in commands:
-            _run(cmd)
+            _run(cmd, prepare)
         timings[name] = round(time.time() - t0, 1)
     from launch.evaluate import write_report
 
     write_report(out, num_seen=preset.eval_prompts[0], num_heldout=preset.eval_prompts[1],
                  candidates=preset.candidates, scales=preset.scales, temperatures=preset.temperatures,
-                 timings=timings)
+                 timings=timings, caps_minutes=caps)
     print(f"\nreport: {out}/report.md\ngrid:   {out}/grid.png")
     return 0
 

@@ -243,6 +243,9 @@ def _markdown(report: dict) -> str:
     if report.get("timings_s"):
         lines += ["## Stage times (s; stages run side by side overlap)", ""] + [
             f"- {k}: {v}" for k, v in report["timings_s"].items()] + [""]
+    if report.get("caps_minutes"):
+        lines += ["Training caps (minutes; the demo shortens a cap to end by its deadline): " + ", ".join(
+            f"{k} {v:g}" for k, v in report["caps_minutes"].items()), ""]
     lines += ["![grid](grid.png)", "", "Rows: prompts (seen first, then held-out); columns: CLIP-ranked best first.", ""]
     return "\n".join(lines)
 
@@ -261,11 +264,12 @@ def set_sampling_defaults(prior_dir: str, scale: float, temperature: float) -> N
 
 def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, scales: Sequence[float],
                  temperatures: Sequence[float] = (1.0,), timings: Optional[dict] = None, seed: int = 0,
-                 rank_shifts: Optional[int] = None) -> dict:
+                 rank_shifts: Optional[int] = None, caps_minutes: Optional[dict] = None) -> dict:
     """Evaluate the bundle in ``out/bundle``; write report.json, report.md and grid.png into ``out``. The scale sweep
     samples at ``temperatures[0]``; the other temperatures are then tried at the best scale. The sweeps rank with one
     CLIP view (17x cheaper); the chosen setting is then ranked as generate.py ranks it, with ``rank_shifts`` test-time
-    views (default launch.pipeline.RANK_SHIFTS). ``timings``: seconds per stage run before; the report adds its own."""
+    views (default launch.pipeline.RANK_SHIFTS). ``timings``: seconds per stage run before; the report adds its own.
+    ``caps_minutes``: the wall-clock caps the training stages ran under (the demo shortens them near its deadline)."""
     from launch.pipeline import RANK_SHIFTS, Pipeline
 
     started = time.time()
@@ -310,7 +314,8 @@ def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, sca
               "prior": _last_metrics(os.path.join(out, "bart_prior"),
                                      ["val/loss", "val/perplexity", "val/caption_gain"]),
               "clip": _last_metrics(os.path.join(out, "clip"), ["val/t2i_R@1", "val/i2t_R@1"]),
-              "timings_s": {**(timings or {}), "report": round(time.time() - started, 1)}}
+              "timings_s": {**(timings or {}), "report": round(time.time() - started, 1)},
+              "caps_minutes": dict(caps_minutes or {})}
     shown = [p for p, _ in prompts[:6]] + [p for p, h in prompts if h][:6]
     keep = min(4, candidates)
     rows = torch.cat([chosen_grids[p][:keep] for p in dict.fromkeys(shown)])

@@ -148,3 +148,34 @@ def test_with_threads_shows_the_thread_count_where_a_command_takes_one():
     assert _with_threads(["py", "train.py", "clip"], 1)[-1] == "trainer.num_threads=1"
     assert _with_threads(["py", "-m", "vqgan.encode", "--model", "m"], 2)[-2:] == ["--threads", "2"]
     assert _with_threads(["touch", "x"], 1) == ["touch", "x"]
+
+
+def test_a_late_training_stage_is_shortened_to_end_by_the_deadline():
+    from launch.demo import MIN_CAP_S, STAGE_OVERHEAD_S, fit_to_deadline
+
+    cmd = ["py", "train.py", "clip", "--config", "c.yaml", "trainer.max_time=00:00:13:30", "trainer.num_threads=1"]
+    now = 1000.0
+    # plenty of time left: the cap stands
+    assert fit_to_deadline(cmd, now + 3600, now) == (cmd, "")
+    assert fit_to_deadline(cmd, None, now) == (cmd, "")
+    # 10 minutes left: the stage gets them minus its start-up/export overhead, every other argument kept in place
+    fitted, note = fit_to_deadline(cmd, now + 600, now)
+    left = 600 - STAGE_OVERHEAD_S
+    assert fitted == cmd[:5] + [f"trainer.max_time=00:00:{left // 60:02d}:{left % 60:02d}", cmd[6]]
+    assert "13.5 -> 9.5 min" in note
+    # past the deadline: the minimum cap, said so
+    fitted, note = fit_to_deadline(cmd, now - 100, now)
+    assert fitted[5] == f"trainer.max_time=00:00:{MIN_CAP_S // 60:02d}:00" and "already past" in note
+    # commands without a cap are never touched
+    assert fit_to_deadline(["py", "-m", "vqgan.encode"], now - 100, now) == (["py", "-m", "vqgan.encode"], "")
+
+
+def test_budget_must_leave_room_for_the_report():
+    import pytest
+
+    from launch.demo import PRESETS, main
+
+    with pytest.raises(SystemExit):
+        main(["--budget", str(PRESETS["full"].reserve_minutes), "--out", "/nonexistent/x"])
+    with pytest.raises(SystemExit):
+        main(["--budget", "-1", "--out", "/nonexistent/x"])
