@@ -1,11 +1,13 @@
 """`make demo`: the whole pipeline on the synthetic shapes set, from nothing to a ranked image grid and a report.
 
     python -m launch.demo [--out runs/demo] [--preset full|tiny] [--force STAGE ...] [--time-scale F]
+                          [--budget MINUTES]
 
 Each stage is the command a user would type (printed before it runs) and is skipped when its output exists, so a
 rerun continues where the last one stopped (a training stage resumes from its last checkpoint). After the VQGAN two
 lanes run at the same time, each on half the cores (encode -> tokenizer -> prior, and CLIP), their output in
-OUT/logs/STAGE.log.
+OUT/logs/STAGE.log. Training stages that start late are shortened to end by the run's budget (full preset: 29
+minutes, 6.5 of them kept for the bundle and the report).
 """
 from __future__ import annotations
 
