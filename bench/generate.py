@@ -70,8 +70,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, {args.candidates} candidates, "
           f"guidance scale {args.scale}, {len(shift_offsets(args.rank_shifts))} CLIP view(s) per image; median of "
-          f"{args.repeats} "
-          "runs after one warm-up")
+          f"{args.repeats} runs after one warm-up")
     print(f"| size | params (VQGAN / prior / CLIP) | s per prompt | sampling | decoding | ranking |")
     print("|---|---|---|---|---|---|")
     for size in args.sizes:

@@ -157,10 +157,16 @@ def max_time(minutes: float) -> str:
     return f"{secs // 86400:02d}:{secs // 3600 % 24:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}"
 
 
-def _seconds(max_time_value: str) -> int:
-    """trainer.max_time's "DD:HH:MM:SS" -> seconds."""
-    days, hours, minutes, secs = (int(x) for x in max_time_value.split(":"))
-    return ((days * 24 + hours) * 60 + minutes) * 60 + secs
+_CAP = "trainer.max_time="
+
+
+def _cap(cmd: list[str]) -> Optional[tuple[int, int]]:
+    """(argument index, seconds) of a command's ``trainer.max_time`` override (the last one, which wins), or None."""
+    at = [i for i, c in enumerate(cmd) if c.startswith(_CAP)]
+    if not at:
+        return None
+    days, hours, minutes, secs = (int(x) for x in cmd[at[-1]][len(_CAP):].split(":"))
+    return at[-1], ((days * 24 + hours) * 60 + minutes) * 60 + secs
 
 
 # A capped training stage ends this long after its trainer.max_time (start-up, the last validation, the export):
@@ -174,18 +180,17 @@ def fit_to_deadline(cmd: list[str], deadline: Optional[float], now: Optional[flo
 
     Returns the command (unchanged when it has no cap, when there is no deadline or when the cap already fits) and a
     line saying what was shortened ("" when nothing was)."""
-    key = "trainer.max_time="
-    at = [i for i, c in enumerate(cmd) if c.startswith(key)]
-    if deadline is None or not at:
+    found = _cap(cmd)
+    if deadline is None or found is None:
         return cmd, ""
-    cap = _seconds(cmd[at[-1]][len(key):])
+    at, cap = found
     left = deadline - (time.time() if now is None else now) - STAGE_OVERHEAD_S
     fitted = max(MIN_CAP_S, int(left))
     if fitted >= cap:
         return cmd, ""
     note = (f"cap {cap / 60:.1f} -> {fitted / 60:.1f} min to end by the demo's deadline"
             + ("" if left >= MIN_CAP_S else " (already past it: the minimum cap)"))
-    return [*cmd[:at[-1]], key + max_time(fitted / 60), *cmd[at[-1] + 1:]], note
+    return [*cmd[:at], _CAP + max_time(fitted / 60), *cmd[at + 1:]], note
 
 
 def stages(out: str, preset: Preset, time_scale: float = 1.0) -> list[tuple[str, Callable[[], bool], list[list[str]]]]:
@@ -198,7 +203,7 @@ def stages(out: str, preset: Preset, time_scale: float = 1.0) -> list[tuple[str,
     code_data = [f"data.train={codes}/train/*.tar", f"data.val={codes}/val/*.tar"]
 
     def train(component: str, folder: str, name: str, extra: list[str]) -> list[str]:
-        cap = [f"trainer.max_time={max_time(preset.minutes[component] * time_scale)}"] \
+        cap = [_CAP + max_time(preset.minutes[component] * time_scale)] \
             if component in preset.minutes else []
         return [py, "train.py", component, "--config", f"configs/{folder}/{preset.config}.yaml", f"name={name}",
                 *common, *extra, *cap]
@@ -256,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         cmd, note = fit_to_deadline(cmd, deadline)
         if note:
             print(f"  [{cmd[2]}] {note}", flush=True)
-        for c in cmd:
-            if c.startswith("trainer.max_time="):
-                caps[cmd[2]] = round(_seconds(c.split("=", 1)[1]) / 60, 2)
+        found = _cap(cmd)
+        if found is not None:
+            caps[cmd[2]] = round(found[1] / 60, 2)
         return cmd
 
     if deadline:
