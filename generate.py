@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import torch
 
-from launch.pipeline import RANK_SHIFTS
+from launch.pipeline import PRIOR_WEIGHT, RANK_SHIFTS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank-shifts", type=int, default=RANK_SHIFTS,
                    help="CLIP scores averaged over the image and its translations by up to N pixels (1 + 8N views; "
                         "0 = the image alone)")
+    p.add_argument("--rank-prior-weight", type=float, default=PRIOR_WEIGHT,
+                   help="weight of the prior's log-likelihood next to CLIP in the ranking, both z-scored over a "
+                        "prompt's candidates (0 = CLIP alone)")
     p.add_argument("--no-rank", action="store_true", help="keep the first K candidates, no CLIP")
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
@@ -53,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.candidates < 1 or args.keep < 1:
         print("error: --candidates and --keep must be at least 1", file=sys.stderr)
         return 2
-    if args.rank_shifts < 0:
-        print("error: --rank-shifts must be 0 or more", file=sys.stderr)
+    if args.rank_shifts < 0 or args.rank_prior_weight < 0:
+        print("error: --rank-shifts and --rank-prior-weight must be 0 or more", file=sys.stderr)
         return 2
     try:
         pipe = Pipeline.from_pretrained(args.bundle, vqgan=args.vqgan, prior=args.prior, clip=args.clip,
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     results = pipe(args.prompts, num_candidates=args.candidates, keep=args.keep,
                    condition_scale=args.condition_scale, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, rank=rank,
-                   precision=args.precision, rank_shifts=args.rank_shifts)
+                   precision=args.precision, rank_shifts=args.rank_shifts, prior_weight=args.rank_prior_weight)
     os.makedirs(args.out, exist_ok=True)
     rows, records = [], []
     for i, (prompt, ranked) in enumerate(zip(args.prompts, results)):
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             r.image.save(os.path.join(args.out, name))
             rows.append(torch.from_numpy(np.asarray(r.image)).permute(2, 0, 1))
             records.append({"prompt": prompt, "prompt_index": i, "rank": r.rank, "candidate": r.candidate,
-                            "seed": args.seed, "clip_score": r.score, "file": name})
+                            "seed": args.seed, "clip_score": r.score, "prior_log_likelihood": r.log_likelihood,
+                            "rank_score": r.rank_score, "file": name})
     save_png(make_grid(torch.stack(rows), nrow=len(results[0])), os.path.join(args.out, "grid.png"))
     with open(os.path.join(args.out, "results.json.tmp"), "w") as fh:
         json.dump({"settings": {k: v for k, v in vars(args).items() if k != "prompts"}, "results": records}, fh,

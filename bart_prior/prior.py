@@ -132,6 +132,47 @@ class BartPrior(torch.nn.Module):
         self.model.train(was_training)
         return out.view(len(prompts), num_candidates, length)
 
+    @torch.inference_mode()
+    def log_likelihood(self, prompts: Sequence[str], codes: torch.Tensor, temperature: Optional[float] = None,
+                       batch_size: int = 64, precision: str = "fp32") -> torch.Tensor:
+        """Teacher-forced log-probability of each candidate's codes given its prompt -> (len(prompts), C) float.
+
+        ``codes``: (P, C, h*w) or (P, h*w), as ``generate`` returns them. The conditional distribution (no guidance)
+        is sharpened by ``temperature`` (default: the stored sampling temperature; 0 = greedy scores at 1), so a
+        candidate is scored by how the sampler saw it rather than by how rare its tokens are at temperature 1.
+        ``batch_size``: sequences per forward pass; the result does not depend on it.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        codes = torch.as_tensor(codes)
+        if codes.dim() == 2:
+            codes = codes[:, None]
+        if codes.dim() != 3 or codes.shape[0] != len(prompts) or codes.shape[2] != self.config.seq_len:
+            raise ValueError(f"codes must be (prompts={len(prompts)}, candidates, {self.config.seq_len}), "
+                             f"got {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}): the prior's codebook")
+        temperature = self.config.temperature if temperature is None else float(temperature)
+        temperature = temperature if temperature > 0 else 1.0
+        device = next(self.model.parameters()).device
+        p, c, length = codes.shape
+        # bf16 pays here as in training: every position of every sequence is one row of the matrix products
+        bf16 = resolve_precision(precision, device, batch_size * length, self.model.cfg.d_model) == "bf16"
+        was_training = self.model.training
+        self.model.eval()
+        ids, mask = (t.to(device) for t in self.encode_prompts(prompts, warn=False))
+        flat, row_prompt = codes.reshape(p * c, length).to(device), torch.arange(p, device=device).repeat_interleave(c)
+        out = torch.empty(p * c)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            hidden = self.model.encode(ids, mask)
+            for lo in range(0, p * c, batch_size):
+                rows, seq = row_prompt[lo: lo + batch_size], flat[lo: lo + batch_size]
+                logits = self.model(ids[rows], mask[rows], self.model.decoder_inputs(seq), encoder_hidden=hidden[rows])
+                logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+                out[lo: lo + len(seq)] = logp.gather(-1, seq[..., None]).squeeze(-1).sum(-1).cpu()
+        self.model.train(was_training)
+        return out.view(p, c)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 decoder_input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, attention_mask, decoder_input_ids)

@@ -3,7 +3,8 @@
 For each val prompt (seen and held-out attribute combinations) the pipeline draws N candidates; the oracle says
 which attributes each candidate got right. Reported per attribute and all-correct:
   random      the mean over candidates (what an unranked sample gets),
-  clip_best   the candidate CLIP ranks first (what generate.py returns),
+  clip_best   the candidate ranked first (in the chosen setting as generate.py ranks, launch.pipeline.rank_scores,
+              and once more with or without the prior's log-likelihood for comparison; CLIP alone in the sweeps),
   oracle_best whether any candidate is all-correct (the ceiling of ranking),
 plus the oracle on VQGAN reconstructions of val images (the ceiling of the whole pipeline), for a sweep of the
 condition scale, from which the default scale is chosen, and clip_best / oracle_best among the first k candidates
@@ -24,6 +25,9 @@ import torch
 from launch.images import make_grid, save_png, to_uint8
 
 ATTRIBUTES = ("background", "color", "shape", "size", "position")
+# The report also ranks the chosen draw with the prior's log-likelihood at this weight when generate.py ranks by CLIP
+# alone (and by CLIP alone when it does not): each demo run adds a paired comparison (README, demo, session 13).
+ALTERNATIVE_PRIOR_WEIGHT = 0.25
 
 
 def _oracle():
@@ -91,17 +95,30 @@ def _splits(per_prompt: Sequence[dict]) -> list[tuple[str, list[dict]]]:
     return [(split, rows) for split, rows in splits if rows]
 
 
+def _rank_scores(row: dict, k: Optional[int] = None) -> torch.Tensor:
+    """What a report row's first k candidates (all of them with k None) are ranked by."""
+    from launch.pipeline import rank_scores
+
+    loglik = row.get("log_likelihood")
+    return rank_scores(torch.tensor(row["clip_scores"][:k]), None if loglik is None else torch.tensor(loglik[:k]),
+                       row.get("prior_weight", 0.0))
+
+
+def _pick(row: dict, k: Optional[int] = None) -> int:
+    return int(_rank_scores(row, k).argmax())
+
+
 def curve_points(candidates: int) -> list[int]:
     """The k of a candidates curve: powers of two below ``candidates``, then ``candidates``."""
     return sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k < candidates} | {candidates})
 
 
 def candidates_curve(per_prompt: Sequence[dict], ks: Sequence[int]) -> dict[str, dict[str, dict[str, float]]]:
-    """All-correct of the CLIP pick and of the best candidate when only the first k of each prompt's candidates had
+    """All-correct of the ranked pick and of the best candidate when only the first k of each prompt's candidates had
     been drawn (per-candidate seeds: the first k of N are exactly what a k-candidate run draws).
     Returns {str(k): {split: {"clip_best_all", "oracle_best_all"}}}."""
     return {str(k): {split: {
-        "clip_best_all": float(np.mean([p["candidates"][int(np.argmax(p["clip_scores"][:k]))]["all"] for p in rows])),
+        "clip_best_all": float(np.mean([p["candidates"][_pick(p, k)]["all"] for p in rows])),
         "oracle_best_all": float(np.mean([any(c["all"] for c in p["candidates"][:k]) for p in rows]))}
         for split, rows in _splits(per_prompt)} for k in ks}
 
@@ -132,34 +149,55 @@ def _draw(pipe: Any, prompts: Sequence[tuple[str, bool]], candidates: int, scale
     for (prompt, _), prompt_codes in zip(prompts, codes):
         images = pipe.decode(prompt_codes, batch_size)
         u8 = to_uint8(images)
-        drawn.append((images, u8, [score(prompt, img) for img in u8]))
+        drawn.append((images, u8, [score(prompt, img) for img in u8], prompt_codes))
     return drawn
 
 
-def _ranked(ranker: Any, prompts: Sequence[tuple[str, bool]], drawn: list, shifts: int = 0) -> list[dict]:
+def _log_likelihood(pipe: Any, prompts: Sequence[tuple[str, bool]], drawn: list,
+                    temperature: Optional[float]) -> torch.Tensor:
+    """(prompts, candidates) log p(codes | prompt) of drawn candidates, scored as generate.py scores them."""
+    return pipe.prior.log_likelihood([p for p, _ in prompts], torch.stack([d[3] for d in drawn]),
+                                     temperature=temperature, batch_size=64, precision="auto")
+
+
+def _ranked(ranker: Any, prompts: Sequence[tuple[str, bool]], drawn: list, shifts: int = 0,
+            loglik: Optional[torch.Tensor] = None, prior_weight: float = 0.0) -> list[dict]:
+    """Report rows: CLIP's scores of each prompt's candidates (and the prior's log-likelihoods when given, weighed
+    by ``prior_weight`` as generate.py weighs them), the pick, and the oracle's verdicts."""
     rows = []
-    for (prompt, held_out), (images, _, verdicts) in zip(prompts, drawn):
-        clip_scores = ranker.score([prompt] * len(images), images, shifts=shifts)
-        rows.append({"prompt": prompt, "held_out": held_out, "clip_best": int(clip_scores.argmax()),
-                     "clip_scores": clip_scores.tolist(), "candidates": verdicts})
+    for i, ((prompt, held_out), (images, _, verdicts, _)) in enumerate(zip(prompts, drawn)):
+        row = {"prompt": prompt, "held_out": held_out,
+               "clip_scores": ranker.score([prompt] * len(images), images, shifts=shifts).tolist(),
+               "candidates": verdicts}
+        if loglik is not None:
+            row |= {"log_likelihood": loglik[i].tolist(), "prior_weight": prior_weight}
+        rows.append(row | {"clip_best": _pick(row)})
     return rows
+
+
+def _reweighted(rows: Sequence[dict], prior_weight: float) -> list[dict]:
+    """The same rows (with log-likelihoods) ranked with another weight of the prior's term."""
+    return [r | {"prior_weight": prior_weight, "clip_best": _pick(r | {"prior_weight": prior_weight})} for r in rows]
 
 
 def compare_rankers(out: str, clips: Sequence[str], num_seen: int = 64, num_heldout: int = 64, candidates: int = 16,
                     scale: Optional[float] = None, temperature: Optional[float] = None, seed: int = 0,
-                    batch_size: int = 256, rank_shifts: int = 0) -> dict[str, dict]:
+                    batch_size: int = 256, rank_shifts: int = 0, prior_weight: float = 0.0) -> dict[str, dict]:
     """Rank the same candidates with several CLIP export folders: ``out/bundle``'s prior draws them (at its stored
     defaults unless ``scale``/``temperature`` are given) and the oracle scores them once, so the summaries differ only
-    by the ranker. Returns {clip folder: summaries as in the report, plus its candidates curve}."""
+    by the ranker. ``prior_weight``: the prior's log-likelihood joins each CLIP's scores as in generate.py.
+    Returns {clip folder: summaries as in the report, plus its candidates curve}."""
     from clip_rank import ClipRanker
     from launch.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(os.path.join(out, "bundle"), load_clip=False)
     prompts = val_prompts(out, num_seen, num_heldout)
     drawn = _draw(pipe, prompts, candidates, scale, seed, batch_size, temperature, "auto")
+    loglik = _log_likelihood(pipe, prompts, drawn, temperature) if prior_weight else None  # CLIP alone: not needed
     results = {}
     for clip in clips:
-        rows = _ranked(ClipRanker.from_pretrained(clip, device=pipe.device), prompts, drawn, rank_shifts)
+        rows = _ranked(ClipRanker.from_pretrained(clip, device=pipe.device), prompts, drawn, rank_shifts, loglik,
+                       prior_weight)
         results[clip] = {**_summaries(rows), "candidates_curve": candidates_curve(rows, curve_points(candidates))}
     return results
 
@@ -193,21 +231,31 @@ def _markdown(report: dict) -> str:
              f"{report['candidates']} candidates per prompt.", "",
              "## Prompt fidelity (shapes oracle), chosen settings", "",
              f"Ranked as generate.py ranks: CLIP averaged over {len(shift_offsets(report['rank_shifts']))} shifted "
-             f"view(s) of each image (--rank-shifts {report['rank_shifts']}).", "",
-             "| split | prompts | random all-correct | CLIP-best all-correct | ranking gain (95% CI) | "
+             f"view(s) of each image (--rank-shifts {report['rank_shifts']})"
+             + (f", plus {report.get('prior_weight')} x the prior's log-likelihood of the candidate, both z-scored over "
+                f"the prompt's candidates (--rank-prior-weight {report.get('prior_weight')})"
+                if report.get("prior_weight") else "") + ".", "",
+             "| split | prompts | random all-correct | ranked-best all-correct | ranking gain (95% CI) | "
              "oracle-best (ceiling) |", "|---|---|---|---|---|---|"]
     chosen = report["chosen"]
     for split, s in chosen.items():
         gain = f"{100 * s['ranking_gain']:+.1f} ({100 * s['ranking_gain_lo']:+.1f} to {100 * s['ranking_gain_hi']:+.1f})"
         lines.append(f"| {split} | {s['prompts']} | {_fmt(s['random_all'])} | {_fmt(s['clip_best_all'])} | {gain} | "
                      f"{_fmt(s['oracle_best_all'])} |")
-    lines += ["", "Ranking gain: CLIP-best minus random all-correct, in points; the interval is a bootstrap over "
+    lines += ["", "Ranking gain: ranked-best minus random all-correct, in points; the interval is a bootstrap over "
               "prompts."]
+    other, weight = report.get("chosen_alternative", {}).get("all"), report.get("alternative_prior_weight")
+    if other:
+        how = (f"With the prior's log-likelihood at weight {weight} (--rank-prior-weight {weight})" if weight else
+               "CLIP alone (--rank-prior-weight 0)")
+        lines += ["", f"{how}, the same candidates: ranked-best all-correct {_fmt(other['clip_best_all'])}, ranking "
+                  f"gain {100 * other['ranking_gain']:+.1f} ({100 * other['ranking_gain_lo']:+.1f} to "
+                  f"{100 * other['ranking_gain_hi']:+.1f})."]
     one = report.get("chosen_one_view", {}).get("all")
     if one and report["rank_shifts"]:
-        lines += ["", f"With one view per image (how the sweeps below rank): CLIP-best all-correct "
+        lines += ["", f"CLIP alone with one view per image (how the sweeps below rank): CLIP-best all-correct "
                   f"{_fmt(one['clip_best_all'])}, ranking gain {100 * one['ranking_gain']:+.1f}."]
-    lines += ["", "Per attribute, CLIP-best (random):", "", "| split | " + " | ".join(ATTRIBUTES) + " |",
+    lines += ["", "Per attribute, ranked best (random):", "", "| split | " + " | ".join(ATTRIBUTES) + " |",
               "|---|" + "---|" * len(ATTRIBUTES)]
     for split, s in chosen.items():
         cells = [f"{_fmt(s[f'clip_best_{a}'])} ({_fmt(s[f'random_{a}'])})" for a in ATTRIBUTES]
@@ -225,11 +273,12 @@ def _markdown(report: dict) -> str:
         lines.append(f"| {t} | {_fmt(s['random_all'])} | {_fmt(s['clip_best_all'])} | {_fmt(s['oracle_best_all'])} |")
     if report.get("candidates_curve"):
         lines += ["", "## Candidates per prompt, chosen settings (the first k of each prompt's candidates)", "",
-                  "| k | CLIP-best seen | CLIP-best held-out | CLIP-best all | oracle-best all |", "|---|---|---|---|---|"]
+                  "| k | ranked-best seen | ranked-best held-out | ranked-best all | oracle-best all |",
+                  "|---|---|---|---|---|"]
         for k, c in report["candidates_curve"].items():
             lines.append(f"| {k} | {_fmt(c['seen']['clip_best_all'])} | {_fmt(c['held_out']['clip_best_all'])} | "
                          f"{_fmt(c['all']['clip_best_all'])} | {_fmt(c['all']['oracle_best_all'])} |")
-        lines += ["", "Where CLIP-best flattens while oracle-best still climbs, the ranker, not the number of "
+        lines += ["", "Where ranked-best flattens while oracle-best still climbs, the ranker, not the number of "
                   "candidates, is the limit."]
     r = report["reconstruction"]
     lines += ["", "## Components", "",
@@ -246,7 +295,7 @@ def _markdown(report: dict) -> str:
     if report.get("caps_minutes"):
         lines += ["Training caps (minutes; the demo shortens a cap to end by its deadline): " + ", ".join(
             f"{k} {v:g}" for k, v in report["caps_minutes"].items()), ""]
-    lines += ["![grid](grid.png)", "", "Rows: prompts (seen first, then held-out); columns: CLIP-ranked best first.", ""]
+    lines += ["![grid](grid.png)", "", "Rows: prompts (seen first, then held-out); columns: ranked best first.", ""]
     return "\n".join(lines)
 
 
@@ -264,16 +313,20 @@ def set_sampling_defaults(prior_dir: str, scale: float, temperature: float) -> N
 
 def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, scales: Sequence[float],
                  temperatures: Sequence[float] = (1.0,), timings: Optional[dict] = None, seed: int = 0,
-                 rank_shifts: Optional[int] = None, caps_minutes: Optional[dict] = None) -> dict:
+                 rank_shifts: Optional[int] = None, caps_minutes: Optional[dict] = None,
+                 prior_weight: Optional[float] = None) -> dict:
     """Evaluate the bundle in ``out/bundle``; write report.json, report.md and grid.png into ``out``. The scale sweep
     samples at ``temperatures[0]``; the other temperatures are then tried at the best scale. The sweeps rank with one
     CLIP view (17x cheaper); the chosen setting is then ranked as generate.py ranks it, with ``rank_shifts`` test-time
-    views (default launch.pipeline.RANK_SHIFTS). ``timings``: seconds per stage run before; the report adds its own.
+    views and the prior's log-likelihood at ``prior_weight`` (defaults: launch.pipeline.RANK_SHIFTS and
+    PRIOR_WEIGHT), and for comparison with ALTERNATIVE_PRIOR_WEIGHT (or CLIP alone, if ``prior_weight`` is not 0).
+    ``timings``: seconds per stage run before; the report adds its own.
     ``caps_minutes``: the wall-clock caps the training stages ran under (the demo shortens them near its deadline)."""
-    from launch.pipeline import RANK_SHIFTS, Pipeline
+    from launch.pipeline import PRIOR_WEIGHT, RANK_SHIFTS, Pipeline
 
     started = time.time()
     rank_shifts = RANK_SHIFTS if rank_shifts is None else rank_shifts
+    prior_weight = PRIOR_WEIGHT if prior_weight is None else prior_weight
     pipe = Pipeline.from_pretrained(os.path.join(out, "bundle"))
     prompts = val_prompts(out, num_seen, num_heldout)
     recon = reconstruction_eval(pipe.vqgan, os.path.join(out, "shapes", "val", "*.tar"), pipe.vqgan.image_size)
@@ -300,13 +353,17 @@ def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, sca
     t_sweep = {t: runs[key][0] for t, key in t_keys.items()}
     best_t = max(t_sweep, key=lambda t: (t_sweep[t]["all"]["clip_best_all"], float(t)))
     chosen_drawn = runs[t_keys[best_t]][2]
-    chosen_rows = _ranked(pipe.ranker, prompts, chosen_drawn, rank_shifts)
+    loglik = _log_likelihood(pipe, prompts, chosen_drawn, float(best_t))  # ~0.1 s per prompt: both rankings get it
+    chosen_rows = _ranked(pipe.ranker, prompts, chosen_drawn, rank_shifts, loglik, prior_weight)
+    alternative = ALTERNATIVE_PRIOR_WEIGHT if prior_weight == 0 else 0.0
     chosen = _summaries(chosen_rows)
-    chosen_grids = {row["prompt"]: u8[torch.tensor(row["clip_scores"]).argsort(descending=True)]
-                    for row, (_, u8, _) in zip(chosen_rows, chosen_drawn)}
+    chosen_grids = {row["prompt"]: u8[_rank_scores(row).argsort(descending=True)]
+                    for row, (_, u8, _, _) in zip(chosen_rows, chosen_drawn)}
     details = {key: r[1] for key, r in runs.items()} | {"chosen": chosen_rows}
     set_sampling_defaults(os.path.join(out, "bundle", "bart_prior"), best, float(best_t))
-    report = {"condition_scale": best, "temperature": float(best_t), "rank_shifts": rank_shifts, "chosen": chosen,
+    report = {"condition_scale": best, "temperature": float(best_t), "rank_shifts": rank_shifts,
+              "prior_weight": prior_weight, "chosen": chosen, "alternative_prior_weight": alternative,
+              "chosen_alternative": _summaries(_reweighted(chosen_rows, alternative)),
               "chosen_one_view": t_sweep[best_t], "temperature_sweep": t_sweep, "candidates": candidates,
               "seed": seed, "sweep": sweep,
               "candidates_curve": candidates_curve(chosen_rows, curve_points(candidates)),
@@ -343,20 +400,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--temperature", type=float)
     p.add_argument("--rank-shifts", type=int, default=None,
                    help="CLIP test-time shift views, as generate.py's (default: launch.pipeline.RANK_SHIFTS)")
+    p.add_argument("--rank-prior-weight", type=float, default=None,
+                   help="the prior's log-likelihood next to CLIP, as generate.py's (default: launch.pipeline."
+                        "PRIOR_WEIGHT; 0 = CLIP alone)")
     args = p.parse_args(argv)
     from clip_rank.ranker import shift_offsets
-    from launch.pipeline import RANK_SHIFTS
+    from launch.pipeline import PRIOR_WEIGHT, RANK_SHIFTS
 
     shifts = RANK_SHIFTS if args.rank_shifts is None else args.rank_shifts
+    weight = PRIOR_WEIGHT if args.rank_prior_weight is None else args.rank_prior_weight
     results = compare_rankers(args.out, args.clip, *args.prompts, candidates=args.candidates,
-                              scale=args.condition_scale, temperature=args.temperature, rank_shifts=shifts)
-    print(f"Ranked with {len(shift_offsets(shifts))} CLIP view(s) per image (--rank-shifts {shifts}).\n")
-    print("| CLIP | random all-correct | CLIP-best all-correct | ranking gain (95% CI) | oracle-best |\n|---|---|---|---|---|")
+                              scale=args.condition_scale, temperature=args.temperature, rank_shifts=shifts,
+                              prior_weight=weight)
+    print(f"Ranked with {len(shift_offsets(shifts))} CLIP view(s) per image (--rank-shifts {shifts}) and the prior's "
+          f"log-likelihood at weight {weight} (--rank-prior-weight).\n")
+    print("| CLIP | random all-correct | ranked-best all-correct | ranking gain (95% CI) | oracle-best |\n|---|---|---|---|---|")
     for clip, summary in results.items():
         s = summary["all"]
         print(f"| {clip} | {_fmt(s['random_all'])} | {_fmt(s['clip_best_all'])} | {100 * s['ranking_gain']:+.1f} "
               f"({100 * s['ranking_gain_lo']:+.1f} to {100 * s['ranking_gain_hi']:+.1f}) | {_fmt(s['oracle_best_all'])} |")
-    print("\nCandidates curve (the first k candidates of each prompt): CLIP-best all-correct seen / held-out / all; "
+    print("\nCandidates curve (the first k candidates of each prompt): ranked-best all-correct seen / held-out / all; "
           "oracle-best all\n\n| CLIP | k | seen | held-out | all | oracle-best |\n|---|---|---|---|---|---|")
     for clip, summary in results.items():
         for k, c in summary["candidates_curve"].items():

@@ -48,6 +48,28 @@ def test_candidates_do_not_depend_on_batch_size(prior):
     assert not torch.equal(prior.generate(PROMPTS[:1], 2, condition_scale=3.0, top_k=20, seed=12)[0], alone[0])
 
 
+def test_log_likelihood_scores_each_code_given_its_prefix(prior):
+    codes = prior.generate(PROMPTS, num_candidates=3, temperature=0.7, seed=2)
+    ll = prior.log_likelihood(PROMPTS, codes, temperature=0.7, batch_size=4)
+    assert ll.shape == (3, 3) and (ll < 0).all()
+    assert torch.allclose(prior.log_likelihood(PROMPTS, codes, temperature=0.7, batch_size=1), ll, atol=1e-4)
+    # the reference: every position scored from its own prefix, one forward pass per position (catches a shift)
+    ids, mask = prior.encode_prompts(PROMPTS[1:2])
+    seq, start, total = codes[1, 2], prior.model.cfg.start_token_id, 0.0
+    with torch.no_grad():
+        for t in range(seq.numel()):
+            logits = prior(ids, mask, torch.cat([torch.tensor([start]), seq[:t]])[None])[0, -1]
+            total += float(torch.log_softmax(logits / 0.7, -1)[seq[t]])
+    assert float(ll[1, 2]) == pytest.approx(total, abs=1e-3)
+    # greedy codes are each their prefix's favourite: a sharper temperature makes them more likely
+    greedy = prior.generate(PROMPTS[:1], 1, temperature=0)
+    assert prior.log_likelihood(PROMPTS[:1], greedy, 0.5) > prior.log_likelihood(PROMPTS[:1], greedy, 1.0)
+    with pytest.raises(ValueError, match="codebook"):
+        prior.log_likelihood(PROMPTS[:1], torch.full((1, 1, 16), 64))
+    with pytest.raises(ValueError, match="codes must be"):
+        prior.log_likelihood(PROMPTS, codes[:2])
+
+
 def test_never_samples_start_token(prior):
     """Make the start token the overwhelming favourite of the head: it must still never come out."""
     prior = tiny_prior(prior.tokenizer, seed=1)

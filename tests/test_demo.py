@@ -43,7 +43,7 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path, capsys):
     # the chosen setting is ranked as generate.py ranks (17 shifted CLIP views), the sweeps with one view
     assert report["rank_shifts"] == 2 and report["chosen_one_view"] == report["temperature_sweep"][str(report["temperature"])]
     md = open(out / "report.md").read()
-    assert "Prompt fidelity" in md and "over 17 shifted view(s)" in md and "With one view per image" in md
+    assert "Prompt fidelity" in md and "over 17 shifted view(s)" in md and "with one view per image" in md
     # two lanes side by side, one thread each (2 cores here): encode -> tokenizer -> prior, and CLIP; a log per stage
     assert "[encode -> tokenizer -> bart_prior | clip]" in res.stdout
     assert "trainer.num_threads=" in res.stdout and "--threads" in res.stdout
@@ -64,6 +64,14 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert chosen["candidates_curve"] == report["candidates_curve"]
     for key in ("random_all", "clip_best_all", "ranking_gain"):
         assert chosen["all"][key] == report["chosen"]["all"][key], key
+    # the report's second ranking of the same candidates: CLIP and the prior's log-likelihood, as generate.py ranks
+    # with --rank-prior-weight
+    assert report["prior_weight"] == 0 and report["alternative_prior_weight"] == 0.25
+    mixed = compare_rankers(str(out), clips[:1], 3, 3, candidates=4, scale=report["condition_scale"],
+                            temperature=report["temperature"], rank_shifts=2, prior_weight=0.25)[clips[0]]
+    for key in ("random_all", "clip_best_all", "ranking_gain"):
+        assert mixed["all"][key] == report["chosen_alternative"]["all"][key], key
+    assert "With the prior's log-likelihood at weight 0.25" in md
     assert set(compared[clips[1]]["candidates_curve"]) == {"1", "2", "4"}
     assert evaluate_main(["--out", str(out), "--clip", clips[0], "--prompts", "1", "1", "--candidates", "2"]) == 0
     assert "Candidates curve" in capsys.readouterr().out

@@ -66,7 +66,8 @@ def test_mismatched_part_is_refused(tmp_path, bundle):
 def test_cli_writes_grid_images_and_ranked_results(bundle, tmp_path):
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "generate.py", "--bundle", bundle, "a red circle", "ein grünes Quadrat ✓",
-                          "--candidates", "5", "--keep", "3", "--seed", "7", "--batch-size", "2", "--out", str(out)],
+                          "--candidates", "5", "--keep", "3", "--seed", "7", "--batch-size", "2", "--rank-prior-weight",
+                          "0.5", "--out", str(out)],
                          cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     grid = Image.open(out / "grid.png")
@@ -76,8 +77,9 @@ def test_cli_writes_grid_images_and_ranked_results(bundle, tmp_path):
     for prompt in ("a red circle", "ein grünes Quadrat ✓"):
         rows = sorted((r for r in results if r["prompt"] == prompt), key=lambda r: r["rank"])
         assert [r["rank"] for r in rows] == [0, 1, 2]
-        scores = [r["clip_score"] for r in rows]
+        scores = [r["rank_score"] for r in rows]
         assert scores == sorted(scores, reverse=True)
+        assert all(isinstance(r["clip_score"], float) and r["prior_log_likelihood"] < 0 for r in rows)
         assert len({r["candidate"] for r in rows}) == 3 and all(0 <= r["candidate"] < 5 for r in rows)
         for r in rows:
             assert Image.open(out / r["file"]).size == (32, 32)
@@ -121,4 +123,31 @@ def test_ranking_averages_clip_over_shifted_views(bundle, tmp_path):
         assert [r.score for r in kept] == pytest.approx(expected[[r.candidate for r in kept]].tolist(), abs=1e-5)
     res = subprocess.run([sys.executable, "generate.py", "--bundle", bundle, "x", "--rank-shifts", "-1", "--out",
                           str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True)
-    assert res.returncode == 2 and res.stderr.strip() == "error: --rank-shifts must be 0 or more"
+    assert res.returncode == 2 and res.stderr.strip() == "error: --rank-shifts and --rank-prior-weight must be 0 or more"
+
+
+def test_ranking_weighs_clip_with_the_priors_likelihood(bundle):
+    from launch.pipeline import PRIOR_WEIGHT, RANK_SHIFTS, rank_scores
+
+    assert PRIOR_WEIGHT == 0  # CLIP alone unless asked
+
+    pipe = Pipeline.from_pretrained(bundle, device="cpu")
+    codes = pipe.prior.generate(["a red circle"], 6, seed=2)
+    clip = pipe.ranker.score("a red circle", pipe.decode(codes[0]), shifts=RANK_SHIFTS)
+    loglik = pipe.prior.log_likelihood(["a red circle"], codes)[0]
+
+    def order(weight):
+        kept = pipe("a red circle", num_candidates=6, keep=6, seed=2, prior_weight=weight, progress=False)[0]
+        return kept, [r.candidate for r in kept]
+
+    kept, alone = order(PRIOR_WEIGHT)
+    assert alone == clip.argsort(descending=True).tolist() and all(r.log_likelihood is None for r in kept)
+    kept, mixed = order(0.25)
+    z = lambda x: (x - x.mean()) / x.std(unbiased=False)  # noqa: E731
+    expected = z(clip) + 0.25 * z(loglik)
+    assert mixed == expected.argsort(descending=True).tolist()
+    assert [r.rank_score for r in kept] == pytest.approx(expected[mixed].tolist(), abs=2e-3)  # z-scores of rounding
+    assert [r.log_likelihood for r in kept] == pytest.approx(loglik[mixed].tolist(), rel=1e-4)
+    assert order(1000.0)[1] == loglik.argsort(descending=True).tolist()  # the prior's term can dominate
+    one = torch.tensor([0.3])
+    assert torch.equal(rank_scores(one, torch.tensor([-5.0]), 0.25), one)  # a lone candidate keeps its CLIP score
