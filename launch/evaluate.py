@@ -185,7 +185,8 @@ def compare_rankers(out: str, clips: Sequence[str], num_seen: int = 64, num_held
     """Rank the same candidates with several CLIP export folders: ``out/bundle``'s prior draws them (at its stored
     defaults unless ``scale``/``temperature`` are given) and the oracle scores them once, so the summaries differ only
     by the ranker. ``prior_weight``: the prior's log-likelihood joins each CLIP's scores as in generate.py.
-    Returns {clip folder: summaries as in the report, plus its candidates curve}."""
+    Returns {clip folder: summaries as in the report, plus its candidates curve (and with ``prior_weight``, under
+    "clip_alone", the summaries of that CLIP ranking alone)}."""
     from clip_rank import ClipRanker
     from launch.pipeline import Pipeline
 
@@ -198,6 +199,8 @@ def compare_rankers(out: str, clips: Sequence[str], num_seen: int = 64, num_held
         rows = _ranked(ClipRanker.from_pretrained(clip, device=pipe.device), prompts, drawn, rank_shifts, loglik,
                        prior_weight)
         results[clip] = {**_summaries(rows), "candidates_curve": candidates_curve(rows, curve_points(candidates))}
+        if prior_weight:  # the paired comparison: the same candidates by this CLIP alone
+            results[clip]["clip_alone"] = _summaries(_reweighted(rows, 0.0))
     return results
 
 
@@ -332,9 +335,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"log-likelihood at weight {weight} (--rank-prior-weight).\n")
     print("| CLIP | random all-correct | ranked-best all-correct | ranking gain (95% CI) | oracle-best |\n|---|---|---|---|---|")
     for clip, summary in results.items():
-        s = summary["all"]
-        print(f"| {clip} | {_fmt(s['random_all'])} | {_fmt(s['clip_best_all'])} | {100 * s['ranking_gain']:+.1f} "
-              f"({100 * s['ranking_gain_lo']:+.1f} to {100 * s['ranking_gain_hi']:+.1f}) | {_fmt(s['oracle_best_all'])} |")
+        for name, s in ((clip, summary["all"]), (f"{clip} alone", summary.get("clip_alone", {}).get("all"))):
+            if s:
+                print(f"| {name} | {_fmt(s['random_all'])} | {_fmt(s['clip_best_all'])} | "
+                      f"{100 * s['ranking_gain']:+.1f} ({100 * s['ranking_gain_lo']:+.1f} to "
+                      f"{100 * s['ranking_gain_hi']:+.1f}) | {_fmt(s['oracle_best_all'])} |")
     print("\nCandidates curve (the first k candidates of each prompt): ranked-best all-correct seen / held-out / all; "
           "oracle-best all\n\n| CLIP | k | seen | held-out | all | oracle-best |\n|---|---|---|---|---|---|")
     for clip, summary in results.items():

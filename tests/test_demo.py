@@ -71,6 +71,7 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path, capsys):
                             temperature=report["temperature"], rank_shifts=2, prior_weight=0.25)[clips[0]]
     for key in ("random_all", "clip_best_all", "ranking_gain"):
         assert mixed["all"][key] == report["chosen_alternative"]["all"][key], key
+        assert mixed["clip_alone"]["all"][key] == report["chosen"]["all"][key], key
     assert "With the prior's log-likelihood at weight 0.25" in md
     assert set(compared[clips[1]]["candidates_curve"]) == {"1", "2", "4"}
     assert evaluate_main(["--out", str(out), "--clip", clips[0], "--prompts", "1", "1", "--candidates", "2"]) == 0
