@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 RANK_SHIFTS = 2
 
 # Weight of the prior's own log-likelihood in the ranking (rank_scores): z(CLIP) + weight x z(log p at the sampling
-# temperature). Off by default, CLIP alone ranks as in DALL-E Mini: on five demo bundles (384 prompts x 16 candidates,
-# 17 CLIP views) weight 0.25 changed the ranking gain over a random candidate by -0.5 to +3.6 points, +1.4 on
-# average, and by -0.5 and +0.7 on the two bundles not used to choose it (README, demo, session 13).
+# temperature). Off by default, CLIP alone ranks as in DALL-E Mini: on six demo bundles (384 prompts x 16 candidates,
+# 17 CLIP views) weight 0.25 changed the ranking gain over a random candidate by -1.3 to +3.6 points, +0.9 on
+# average, and by -0.4 on average on the three bundles not used to choose it (README, demo, session 13).
 PRIOR_WEIGHT = 0.0
 
 
