@@ -2,9 +2,11 @@
 the share of each stage, at the demo size and at DALL·E Mini's size (random weights: speed, not quality).
 
     python bench/generate.py [--sizes demo mini] [--candidates 16] [--scale 3] [--repeats 2] [--threads N]
-                             [--rank-shifts N]
+                             [--rank-shifts N] [--rank-prior-weight W]
 
 Ranking uses generate.py's default test-time views (launch.pipeline.RANK_SHIFTS: 17 shifted copies per image).
+With --rank-prior-weight W > 0 the prior also scores its candidates (BartPrior.log_likelihood, one teacher-forced
+pass), timed as its own column, as generate.py --rank-prior-weight W does.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from bart_prior import BartPrior, train_tokenizer
 from bart_prior import preset as prior_preset
 from clip_rank import ClipRanker, build_clip
 from clip_rank.ranker import shift_offsets
-from launch.pipeline import RANK_SHIFTS
+from launch.pipeline import PRIOR_WEIGHT, RANK_SHIFTS, rank_scores
 from vqgan import VQGAN
 from vqgan import preset as vq_preset
 
@@ -44,7 +46,8 @@ def build(size: str, tok_dir: str):
     return vq, prior, ranker
 
 
-def once(vq, prior, ranker, candidates: int, scale: float, shifts: int = RANK_SHIFTS) -> dict[str, float]:
+def once(vq, prior, ranker, candidates: int, scale: float, shifts: int = RANK_SHIFTS,
+         prior_weight: float = PRIOR_WEIGHT) -> dict[str, float]:
     t0 = time.perf_counter()
     codes = prior.generate([PROMPT], num_candidates=candidates, condition_scale=scale, seed=0)[0]
     t1 = time.perf_counter()
@@ -53,8 +56,11 @@ def once(vq, prior, ranker, candidates: int, scale: float, shifts: int = RANK_SH
     t2 = time.perf_counter()
     scores = ranker.score(PROMPT, images, shifts=shifts)
     t3 = time.perf_counter()
+    loglik = prior.log_likelihood([PROMPT], codes[None], precision="auto")[0] if prior_weight else None
+    scores = rank_scores(scores, loglik, prior_weight)
+    t4 = time.perf_counter()
     assert scores.shape == (candidates,)
-    return {"sample": t1 - t0, "decode": t2 - t1, "rank": t3 - t2, "total": t3 - t0}
+    return {"sample": t1 - t0, "decode": t2 - t1, "rank": t3 - t2, "likelihood": t4 - t3, "total": t4 - t0}
 
 
 def main() -> None:
@@ -65,24 +71,29 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--rank-shifts", type=int, default=RANK_SHIFTS, help="CLIP test-time shift views (1 + 8N)")
+    p.add_argument("--rank-prior-weight", type=float, default=PRIOR_WEIGHT,
+                   help="rank with the prior's log-likelihood too (generate.py --rank-prior-weight)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, {args.candidates} candidates, "
           f"guidance scale {args.scale}, {len(shift_offsets(args.rank_shifts))} CLIP view(s) per image; median of "
-          f"{args.repeats} runs after one warm-up")
-    print(f"| size | params (VQGAN / prior / CLIP) | s per prompt | sampling | decoding | ranking |")
-    print("|---|---|---|---|---|---|")
+          f"{args.repeats} runs after one warm-up; prior's log-likelihood in the ranking at weight "
+          f"{args.rank_prior_weight}")
+    print("| size | params (VQGAN / prior / CLIP) | s per prompt | sampling | decoding | CLIP ranking | likelihood |")
+    print("|---|---|---|---|---|---|---|")
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as tok:
             vq, prior, ranker = build(size, tok)
         params = [sum(x.numel() for x in m.parameters()) / 1e6 for m in (vq, prior, ranker.model)]
-        once(vq, prior, ranker, min(2, args.candidates), args.scale, args.rank_shifts)  # warm-up
-        runs = [once(vq, prior, ranker, args.candidates, args.scale, args.rank_shifts) for _ in range(args.repeats)]
+        options = (args.scale, args.rank_shifts, args.rank_prior_weight)
+        once(vq, prior, ranker, min(2, args.candidates), *options)  # warm-up
+        runs = [once(vq, prior, ranker, args.candidates, *options) for _ in range(args.repeats)]
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        share = {k: 100 * med[k] / med["total"] for k in ("sample", "decode", "rank")}
+        share = {k: 100 * med[k] / med["total"] for k in ("sample", "decode", "rank", "likelihood")}
         print(f"| {size} | {params[0]:.1f}M / {params[1]:.1f}M / {params[2]:.1f}M | {med['total']:.2f} | "
-              f"{share['sample']:.0f}% | {share['decode']:.0f}% | {share['rank']:.0f}% |", flush=True)
+              f"{share['sample']:.0f}% | {share['decode']:.0f}% | {share['rank']:.0f}% | "
+              f"{share['likelihood']:.0f}% |", flush=True)
 
 
 if __name__ == "__main__":
