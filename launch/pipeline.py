@@ -56,6 +56,10 @@ def rank_scores(clip_scores: torch.Tensor, log_likelihood: Optional[torch.Tensor
     return _zscore(clip_scores.float()) + prior_weight * _zscore(log_likelihood.float())
 
 
+def _item(x: Optional[torch.Tensor], i: int) -> Optional[float]:
+    return None if x is None else float(x[i])
+
+
 def _to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in to_uint8(images)]
 
@@ -122,10 +126,6 @@ class Pipeline:
                 ranked = rank_scores(scores, loglik, prior_weight)
             order = ranked.argsort(descending=True)[:keep].tolist() if rank else list(range(keep))
             pil = _to_pil(images[order])
-
-            def value(x: Optional[torch.Tensor], i: int) -> Optional[float]:
-                return None if x is None else float(x[i])
-
-            results.append([GeneratedImage(pil[r], value(scores, i), i, r, value(loglik, i), value(ranked, i))
+            results.append([GeneratedImage(pil[r], _item(scores, i), i, r, _item(loglik, i), _item(ranked, i))
                             for r, i in enumerate(order)])
         return results
