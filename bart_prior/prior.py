@@ -140,7 +140,7 @@ class BartPrior(torch.nn.Module):
         ``codes``: (P, C, h*w) or (P, h*w), as ``generate`` returns them. The conditional distribution (no guidance)
         is sharpened by ``temperature`` (default: the stored sampling temperature; 0 = greedy scores at 1), so a
         candidate is scored by how the sampler saw it rather than by how rare its tokens are at temperature 1.
-        ``batch_size``: sequences per forward pass; the result does not depend on it.
+        ``batch_size``: sequences per forward pass; the result depends on it only through float rounding.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
