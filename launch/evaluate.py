@@ -176,7 +176,8 @@ def _ranked(ranker: Any, prompts: Sequence[tuple[str, bool]], drawn: list, shift
 
 def _reweighted(rows: Sequence[dict], prior_weight: float) -> list[dict]:
     """The same rows (with log-likelihoods) ranked with another weight of the prior's term."""
-    return [r | {"prior_weight": prior_weight, "clip_best": _pick(r | {"prior_weight": prior_weight})} for r in rows]
+    rows = [r | {"prior_weight": prior_weight} for r in rows]
+    return [r | {"clip_best": _pick(r)} for r in rows]
 
 
 def compare_rankers(out: str, clips: Sequence[str], num_seen: int = 64, num_heldout: int = 64, candidates: int = 16,
