@@ -31,6 +31,9 @@ class TrainerConfig:
     # auto (bf16-mixed where bf16 is fast: bf16 GPUs, AVX512-bf16/AMX CPUs; else 32-true) | 32-true | bf16-mixed
     # | bf16-true | 16-mixed
     precision: str = "32-true"
+    # auto (math on a CPU in bf16, where the flash kernel's backward is slow; else torch's choice) | default (torch's
+    # choice) | math | flash | efficient | cudnn: the scaled-dot-product attention kernel used while training
+    attention: str = "auto"
     max_steps: int = 1000
     # "DD:HH:MM:SS"; training stops cleanly (and exports) when reached, and the LR decay ends there if it comes
     # before max_steps

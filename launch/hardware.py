@@ -4,12 +4,19 @@
 bf16 matrix products are fast on CUDA GPUs that support bf16 and on CPUs with AVX512-bf16 or AMX. On other CPUs
 (AVX2 only) torch computes them on a slow path: a 2048² matmul ran at 0.34 GFLOP/s in bf16 against 125 GFLOP/s in
 fp32 on a 2-core AVX2 EPYC, and the shapes prior's bf16-mixed training step was 10x slower than fp32 there.
+
+The same file decides which scaled-dot-product attention kernel training uses (``trainer.attention``): on a CPU in
+bf16, torch's default flash kernel has a slow backward pass (README, "Attention kernels on CPU").
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
+from torch.nn.attention import SDPBackend
+
+ATTENTION_KERNELS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+                     "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 
 def bf16_is_fast(device: Union[torch.device, str]) -> bool:
@@ -28,3 +35,21 @@ def resolve_trainer_precision(precision: str, accelerator: str) -> str:
     if precision != "auto":
         return precision
     return "bf16-mixed" if bf16_is_fast(accelerator) else "32-true"
+
+
+def attention_backends(choice: str, accelerator: str, precision: str) -> Optional[list[SDPBackend]]:
+    """The kernels ``F.scaled_dot_product_attention`` may use while training; None leaves torch's own choice.
+
+    ``choice``: "auto" | "default" | one of ATTENTION_KERNELS. "auto" picks the math kernel on a CPU in bf16: there
+    the flash kernel's backward pass took 390 of a 635 ms CLIP step and the math kernel's 199 (436 ms in all; the
+    demo prior 757 -> 633 ms), with the same error against fp64. In fp32, and on GPUs, torch's choice stays.
+    """
+    if choice == "default":
+        return None
+    if choice == "auto":
+        on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+        return [SDPBackend.MATH] if on_cpu and precision.startswith("bf16") else None
+    if choice not in ATTENTION_KERNELS:
+        raise ValueError(f"trainer.attention must be auto, default or one of {', '.join(ATTENTION_KERNELS)}, "
+                         f"got '{choice}'")
+    return [ATTENTION_KERNELS[choice]]

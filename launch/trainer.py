@@ -1,14 +1,16 @@
 """pl.Trainer construction from the ``trainer:`` config section: strategy, loggers, checkpoints, progress."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
-from typing import Any
+from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -17,7 +19,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_info
 
 from launch.config import ConfigError
-from launch.hardware import resolve_trainer_precision
+from launch.hardware import attention_backends, resolve_trainer_precision
 from launch.requeue import SlurmRequeue, in_slurm_job
 from launch.run import RunDir
 from launch.schedule import TimeBudget
@@ -101,6 +103,25 @@ class RNGStateCheckpoint(Callback):
             _set_rng_states(states)
 
 
+class AttentionKernels(Callback):
+    """Restricts ``F.scaled_dot_product_attention`` to ``backends`` from setup to teardown of a fit (the flags are
+    process-wide; teardown restores torch's own choice for whatever runs after the Trainer)."""
+
+    def __init__(self, backends: list[SDPBackend]) -> None:
+        self.backends = backends
+        self._stack: Optional[contextlib.ExitStack] = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.teardown(trainer, pl_module, stage)
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(sdpa_kernel(self.backends))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+
 def _accelerator(tc: DictConfig) -> str:
     if tc.accelerator == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
@@ -154,6 +175,12 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None,
     precision = resolve_trainer_precision(tc.precision, _accelerator(tc))
     if precision != tc.precision:
         rank_zero_info(f"trainer.precision: {tc.precision} -> {precision} (launch/hardware.py)")
+    try:
+        backends = attention_backends(tc.attention, _accelerator(tc), precision)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if backends:
+        cbs.append(AttentionKernels(backends))
     if in_slurm_job():
         # Lightning's own SIGUSR1 handler saves inside the handler, which can deadlock DDP (see launch/requeue.py)
         from lightning_fabric.plugins.environments import SLURMEnvironment
