@@ -44,12 +44,17 @@ def attention_backends(choice: str, accelerator: str, precision: str) -> Optiona
     the flash kernel's backward pass took 390 of a 635 ms CLIP step and the math kernel's 199 (436 ms in all; the
     demo prior 757 -> 633 ms), with the same error against fp64. In fp32, and on GPUs, torch's choice stays.
     """
+    check_attention(choice)
     if choice == "default":
         return None
     if choice == "auto":
         on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
         return [SDPBackend.MATH] if on_cpu and precision.startswith("bf16") else None
-    if choice not in ATTENTION_KERNELS:
+    return [ATTENTION_KERNELS[choice]]
+
+
+def check_attention(choice: str) -> None:
+    """ValueError unless ``choice`` is a ``trainer.attention`` value."""
+    if choice not in ("auto", "default", *ATTENTION_KERNELS):
         raise ValueError(f"trainer.attention must be auto, default or one of {', '.join(ATTENTION_KERNELS)}, "
                          f"got '{choice}'")
-    return [ATTENTION_KERNELS[choice]]

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from launch.components import get_component
 from launch.config import ConfigError, load_config
+from launch.hardware import check_attention
 from launch.requeue import SlurmRequeue
 from launch.run import RunDir, prepare_run
 from launch.trainer import build_trainer
@@ -34,6 +35,10 @@ def resolve_config(component: str, config_path: Optional[str], overrides: Sequen
         raise ConfigError(f"{config_path}: data.mode is '{cfg.data.mode}' but {component} reads '{comp.data_mode}'")
     if cfg.trainer.strategy == "fsdp" and comp.fsdp_unsupported:
         raise ConfigError(f"trainer.strategy=fsdp is not supported for {component}: {comp.fsdp_unsupported}")
+    try:
+        check_attention(cfg.trainer.attention)
+    except ValueError as e:  # before the run folder exists
+        raise ConfigError(str(e)) from None
     return cfg
 
 

@@ -102,3 +102,12 @@ def test_training_uses_the_chosen_kernel_and_restores_torchs(tmp_path):
         assert "Flash" in F.scaled_dot_product_attention(q, q, q).grad_fn.name()
     with pytest.raises(ConfigError, match="trainer.attention"):
         _kernel_in_training(tmp_path, "fast")
+
+
+def test_bad_attention_value_stops_before_the_run_folder(repo_root, tmp_path):
+    from launch.train import resolve_config
+
+    with pytest.raises(ConfigError, match="trainer.attention must be auto, default or one of"):
+        resolve_config("clip", f"{repo_root}/configs/clip_rank/tiny.yaml",
+                       ["trainer.attention=fast", f"runs_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())
