@@ -29,14 +29,15 @@ def render(report: dict) -> str:
                 f"the prompt's candidates (--rank-prior-weight {report.get('prior_weight')})"
                 if report.get("prior_weight") else "") + ".", "",
              "| split | prompts | random all-correct | ranked-best all-correct | ranking gain (95% CI) | "
-             "oracle-best (ceiling) |", "|---|---|---|---|---|---|"]
+             "share of the room | oracle-best (ceiling) |", "|---|---|---|---|---|---|---|"]
     chosen = report["chosen"]
     for split, s in chosen.items():
         gain = f"{100 * s['ranking_gain']:+.1f} ({100 * s['ranking_gain_lo']:+.1f} to {100 * s['ranking_gain_hi']:+.1f})"
         lines.append(f"| {split} | {s['prompts']} | {fmt(s['random_all'])} | {fmt(s['clip_best_all'])} | {gain} | "
-                     f"{fmt(s['oracle_best_all'])} |")
+                     f"{fmt(s.get('ranking_share'))} | {fmt(s['oracle_best_all'])} |")
     lines += ["", "Ranking gain: ranked-best minus random all-correct, in points; the interval is a bootstrap over "
-              "prompts."]
+              "prompts. Share of the room: the gain over its largest possible value, oracle-best minus random (n/a "
+              "when every candidate is right or none is)."]
     other, weight = report.get("chosen_alternative", {}).get("all"), report.get("alternative_prior_weight")
     if other:
         how = (f"With the prior's log-likelihood at weight {weight} (--rank-prior-weight {weight})" if weight else

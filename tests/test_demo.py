@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +34,9 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path, capsys):
         assert 0 <= s["random_all"] <= s["oracle_best_all"] <= 1 and s["clip_best_all"] <= s["oracle_best_all"]
         assert abs(s["ranking_gain"] - (s["clip_best_all"] - s["random_all"])) < 1e-9
         assert s["ranking_gain_lo"] <= s["ranking_gain"] <= s["ranking_gain_hi"]
+        room = s["oracle_best_all"] - s["random_all"]
+        share = s["ranking_share"]
+        assert share is None if room < 1e-9 else abs(share - s["ranking_gain"] / room) < 1e-9
     assert report["sweep"]["1.0"]["seen"]["prompts"] == 3 and report["sweep"]["1.0"]["held_out"]["prompts"] == 3
     assert report["reconstruction"]["images"] > 0 and report["reconstruction"]["psnr"] > 0
     assert report["prior"]["val/loss"] is not None and report["prior"]["val/caption_gain"] is not None
@@ -43,6 +47,7 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path, capsys):
     # the chosen setting is ranked as generate.py ranks (17 shifted CLIP views), the sweeps with one view
     assert report["rank_shifts"] == 2 and report["chosen_one_view"] == report["temperature_sweep"][str(report["temperature"])]
     md = open(out / "report.md").read()
+    assert "| share of the room |" in md
     assert "Prompt fidelity" in md and "over 17 shifted view(s)" in md and "with one view per image" in md
     # two lanes side by side, one thread each (2 cores here): encode -> tokenizer -> prior, and CLIP; a log per stage
     assert "[encode -> tokenizer -> bart_prior | clip]" in res.stdout
@@ -97,6 +102,15 @@ def test_ranking_gain_and_its_bootstrap_interval():
     # more prompts, narrower interval
     _, lo2, hi2 = ranking_gain([_prompt(True, 0), _prompt(False, 1)] * 200)
     assert hi2 - lo2 < (hi - lo) / 2
+
+
+def test_room_share_is_the_gain_over_its_largest_possible_value():
+    from launch.evaluate import room_share
+
+    assert room_share(0.6, 0.8, 1.0) == pytest.approx(0.5)  # +20 points of a possible +40
+    assert room_share(0.86, 0.95, 1.0) == pytest.approx(0.09 / 0.14)
+    assert room_share(0.6, 0.5, 1.0) == pytest.approx(-0.25)  # a ranker worse than chance
+    assert room_share(1.0, 1.0, 1.0) is None and room_share(0.0, 0.0, 0.0) is None  # no room: nothing to rank
 
 
 def test_candidates_curve_ranks_within_the_first_k():
