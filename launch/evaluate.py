@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from launch.images import make_grid, save_png, to_uint8
-from launch.report_markdown import ATTRIBUTES, fmt as _fmt, render as _markdown
+from launch.report_markdown import ATTRIBUTES, fmt as _fmt, fmt_gain, render as _markdown
 
 # The report also ranks the chosen draw with the prior's log-likelihood at this weight when generate.py ranks by CLIP
 # alone (and by CLIP alone when it does not): each demo run adds a paired comparison (README, demo, session 13).
@@ -351,10 +351,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for clip, summary in results.items():
         for name, s in ((clip, summary["all"]), (f"{clip} alone", summary.get("clip_alone", {}).get("all"))):
             if s:
-                print(f"| {name} | {_fmt(s['random_all'])} | {_fmt(s['clip_best_all'])} | "
-                      f"{100 * s['ranking_gain']:+.1f} ({100 * s['ranking_gain_lo']:+.1f} to "
-                      f"{100 * s['ranking_gain_hi']:+.1f}) | {_fmt(s['ranking_share'])} | "
-                      f"{_fmt(s['oracle_best_all'])} |")
+                print(f"| {name} | {_fmt(s['random_all'])} | {_fmt(s['clip_best_all'])} | {fmt_gain(s)} | "
+                      f"{_fmt(s['ranking_share'])} | {_fmt(s['oracle_best_all'])} |")
     print("\nCandidates curve (the first k candidates of each prompt): ranked-best all-correct seen / held-out / all; "
           "oracle-best all\n\n| CLIP | k | seen | held-out | all | oracle-best |\n|---|---|---|---|---|---|")
     for clip, summary in results.items():

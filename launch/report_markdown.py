@@ -14,6 +14,12 @@ def fmt(x: Optional[float], pct: bool = True) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
 
 
+def fmt_gain(summary: dict) -> str:
+    """A summary's ranking gain in points with its 95% interval, e.g. "+8.6 (+5.3 to +11.9)"."""
+    return (f"{100 * summary['ranking_gain']:+.1f} ({100 * summary['ranking_gain_lo']:+.1f} to "
+            f"{100 * summary['ranking_gain_hi']:+.1f})")
+
+
 def render(report: dict) -> str:
     """report.json's content -> report.md."""
     from clip_rank.ranker import shift_offsets
@@ -32,9 +38,8 @@ def render(report: dict) -> str:
              "share of the room | oracle-best (ceiling) |", "|---|---|---|---|---|---|---|"]
     chosen = report["chosen"]
     for split, s in chosen.items():
-        gain = f"{100 * s['ranking_gain']:+.1f} ({100 * s['ranking_gain_lo']:+.1f} to {100 * s['ranking_gain_hi']:+.1f})"
-        lines.append(f"| {split} | {s['prompts']} | {fmt(s['random_all'])} | {fmt(s['clip_best_all'])} | {gain} | "
-                     f"{fmt(s.get('ranking_share'))} | {fmt(s['oracle_best_all'])} |")
+        lines.append(f"| {split} | {s['prompts']} | {fmt(s['random_all'])} | {fmt(s['clip_best_all'])} | "
+                     f"{fmt_gain(s)} | {fmt(s.get('ranking_share'))} | {fmt(s['oracle_best_all'])} |")
     lines += ["", "Ranking gain: ranked-best minus random all-correct, in points; the interval is a bootstrap over "
               "prompts. Share of the room: the gain over its largest possible value, oracle-best minus random (n/a "
               "when every candidate is right or none is)."]
@@ -43,8 +48,7 @@ def render(report: dict) -> str:
         how = (f"With the prior's log-likelihood at weight {weight} (--rank-prior-weight {weight})" if weight else
                "CLIP alone (--rank-prior-weight 0)")
         lines += ["", f"{how}, the same candidates: ranked-best all-correct {fmt(other['clip_best_all'])}, ranking "
-                  f"gain {100 * other['ranking_gain']:+.1f} ({100 * other['ranking_gain_lo']:+.1f} to "
-                  f"{100 * other['ranking_gain_hi']:+.1f})."]
+                  f"gain {fmt_gain(other)}."]
     one = report.get("chosen_one_view", {}).get("all")
     if one and report["rank_shifts"]:
         lines += ["", f"CLIP alone with one view per image (how the sweeps below rank): CLIP-best all-correct "
