@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in ranked:
             name = f"{i:03d}_{r.rank:02d}.png"
             r.image.save(os.path.join(args.out, name))
-            rows.append(torch.from_numpy(np.asarray(r.image)).permute(2, 0, 1))
+            rows.append(torch.from_numpy(np.array(r.image)).permute(2, 0, 1))  # a copy: PIL's buffer is read-only
             records.append({"prompt": prompt, "prompt_index": i, "rank": r.rank, "candidate": r.candidate,
                             "seed": args.seed, "clip_score": r.score, "prior_log_likelihood": r.log_likelihood,
                             "rank_score": r.rank_score, "file": name})

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import warnings
 from typing import Optional, Sequence
 
@@ -16,6 +17,21 @@ from safetensors.torch import load_file, save_file
 from bart_prior.model import PriorConfig, PriorModel
 from bart_prior.sampling import SamplingOptions, candidate_seed, candidate_uniforms, resolve_precision, sample_codes
 from bart_prior.tokenizer import load_tokenizer
+
+# Frames in these folders are skipped when a prompt warning names its source line: the line a user wrote (their
+# script, generate.py) is more use than torch's inference_mode wrapper or the Pipeline's internals.
+_PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_INTERNAL_DIRS = (os.path.join(_PROJECT, "bart_prior") + os.sep, os.path.join(_PROJECT, "launch") + os.sep,
+                  os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel for the first caller outside this package, launch/ and torch."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
 
 class BartPrior(torch.nn.Module):
     def __init__(self, config: PriorConfig, tokenizer, model: Optional[PriorModel] = None):
@@ -71,12 +87,16 @@ class BartPrior(torch.nn.Module):
     def encode_prompts(self, prompts: Sequence[str], warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions -> padded (P, T) ids and mask, truncated to ``max_text_length`` tokens."""
         max_len = self.config.max_text_length
-        full = self.tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-        for i, (prompt, ids) in enumerate(zip(prompts, full)):
+        # verbose=False: the lengths are only counted here; the warning below says what happens to a long prompt
+        full = self.tokenizer(list(prompts), add_special_tokens=True, verbose=False)["input_ids"]
+        for prompt, ids in zip(prompts, full):
             if warn and len(ids) > max_len:
-                warnings.warn(f"prompt {i} has {len(ids)} tokens; truncated to {max_len}", stacklevel=3)
+                shown = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+                warnings.warn(f"prompt {shown!r} has {len(ids)} tokens; truncated to {max_len}",
+                              stacklevel=_user_stacklevel())
             if warn and not prompt.strip():
-                warnings.warn(f"prompt {i} is empty: its images are unconditional samples", stacklevel=3)
+                warnings.warn("an empty prompt: its images are unconditional samples",
+                              stacklevel=_user_stacklevel())
         enc = self.tokenizer(list(prompts), add_special_tokens=True, truncation=True, max_length=max_len,
                              padding="longest", return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]

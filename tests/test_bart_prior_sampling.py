@@ -86,10 +86,13 @@ def test_never_samples_start_token(prior):
 
 
 def test_prompt_edge_cases(prior):
-    with pytest.warns(UserWarning, match="truncated"):
+    shown = r"'a red circle a red circle a red circl\.\.\.'"  # long prompts are shown by their first 37 characters
+    with pytest.warns(UserWarning, match=shown + r" has \d+ tokens; truncated") as long_w:
         long = prior.generate(["a red circle " * 40], num_candidates=1, seed=0)
-    with pytest.warns(UserWarning, match="empty"):
+    with pytest.warns(UserWarning, match="empty") as empty_w:
         empty = prior.generate([""], num_candidates=1, seed=0)
+    # the warnings name the caller's line (here this test), not torch's inference_mode wrapper or the prior's code
+    assert {w.filename for w in [*long_w, *empty_w]} == {__file__}
     unicode = prior.generate(["ünïcödé 日本 🙂"], num_candidates=1, seed=0)
     assert long.shape == empty.shape == unicode.shape == (1, 1, 16)
     with pytest.raises(ValueError):
