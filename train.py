@@ -47,6 +47,8 @@ def _bundle_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for package in ("launch", "vqgan", "bart_prior", "clip_rank", "data"):  # our progress notes, not libraries' chatter
+        logging.getLogger(package).setLevel(logging.INFO)
     try:
         if argv[:1] == ["bundle"]:
             from launch.bundle import assemble_bundle

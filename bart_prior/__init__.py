@@ -1,13 +1,12 @@
 """BART prior: caption tokens -> VQGAN code sequences (DALL·E Mini's text-to-image stage).
 
-The network, the prior object and sampling are imported on first use, so the tokenizer CLI
-(``python -m bart_prior.tokenizer``) does not pay for importing transformers' BART modelling code.
+Every name is imported on first use: the tokenizer CLI (``python -m bart_prior.tokenizer``) then neither pays for
+transformers' BART modelling code nor finds its own module imported twice (runpy's RuntimeWarning).
 """
 from typing import Any
 
-from bart_prior.tokenizer import TokenizerError, load_tokenizer, train_tokenizer
-
-_LAZY = {"PRESETS": "model", "PriorConfig": "model", "PriorConfigError": "model", "PriorModel": "model",
+_LAZY = {"TokenizerError": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
+         "PRESETS": "model", "PriorConfig": "model", "PriorConfigError": "model", "PriorModel": "model",
          "preset": "model", "BartPrior": "prior", "SamplingOptions": "sampling", "candidate_seed": "sampling",
          "sample_codes": "sampling"}
 

@@ -49,7 +49,7 @@ def requeue_job() -> bool:
     if out.returncode != 0:
         log.warning("requeue of job %s failed: %s", job, out.stderr.strip() or out.returncode)
         return False
-    log.warning("requeued SLURM job %s", job)
+    log.info("requeued SLURM job %s", job)
     return True
 
 

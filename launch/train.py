@@ -57,7 +57,7 @@ def run_training(component: str, config_path: Optional[str], overrides: Sequence
     if trainer.is_global_zero:
         run.write_config(cfg)
         if ckpt:
-            log.warning("resuming from %s", ckpt)
+            log.info("resuming from %s", ckpt)
     datamodule = ShardDataModule(cfg.data)
     module = comp.build(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
@@ -88,4 +88,4 @@ def export(module: pl.LightningModule, trainer: pl.Trainer, out_dir: str,
         module.export(out_dir)
     trainer.strategy.barrier("export")
     if trainer.is_global_zero:
-        log.warning("exported %s", os.path.abspath(out_dir))
+        log.info("exported %s", os.path.abspath(out_dir))

@@ -39,3 +39,20 @@ def test_too_small_vocab_and_missing_folder(tmp_path, capsys):
     pattern = write_code_shards(str(tmp_path / "shards"), 8)
     assert main(["train", "--input", pattern, "--vocab-size", "100", "--out", str(tmp_path / "t")]) == 2
     assert "too small" in capsys.readouterr().err
+
+
+def test_module_cli_runs_without_import_warnings(tmp_path):
+    """`python -m bart_prior.tokenizer` as the demo runs it: the package must not import the module it executes
+    (runpy would warn that it was found in sys.modules)."""
+    import os
+    import subprocess
+    import sys
+
+    pattern = write_code_shards(str(tmp_path / "shards"), 48)
+    out = str(tmp_path / "tok")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "bart_prior.tokenizer", "train",
+                          "--input", pattern, "--vocab-size", "300", "--out", out, "--min-frequency", "1"],
+                         cwd=root, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "RuntimeWarning" not in run.stderr and len(load_tokenizer(out)) <= 300
