@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import warnings
 from typing import Any, Optional
 
 import pytorch_lightning as pl
@@ -155,6 +156,9 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None,
                   manual_optimization: bool = False) -> pl.Trainer:
     """``manual_optimization``: the module accumulates and clips itself, so the Trainer gets neither setting."""
     tc = cfg.trainer
+    # Lightning warns about every IterableDataset with a length; ours has one only with data.resampled, where each
+    # loader worker stops at exactly its share of the epoch (data/datamodule.py, _EpochLimit), so it is exact.
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     strategy = build_strategy(tc, find_unused_parameters=manual_optimization)
     checkpoint = ModelCheckpoint(
         dirpath=run.checkpoints, filename="step{step:07d}", auto_insert_metric_name=False,
