@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -39,6 +39,10 @@ class GeneratedImage:
     rank: int  # 0 = best
     log_likelihood: Optional[float] = None  # the prior's log p(codes | prompt) (None unless it took part in ranking)
     rank_score: Optional[float] = None  # what the ranking sorted by (rank_scores)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpacks as the ``(image, score)`` pair of the pipeline's contract: ``for image, score in pipe(p)[0]``."""
+        return iter((self.image, self.score))
 
 
 def _zscore(x: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,8 @@ def test_same_seed_same_images_and_batch_size_does_not_matter(bundle):
     b = pipe("a blue square", num_candidates=4, keep=4, seed=3, batch_size=1, progress=False)[0]
     c = pipe("a blue square", num_candidates=4, keep=4, seed=4, batch_size=4, progress=False)[0]
     assert [r.candidate for r in a] == [r.candidate for r in b]
+    assert [(image, score) for image, score in a] == [(r.image, r.score) for r in a]  # the (image, score) contract
+    assert [r.score for r in a] == sorted((r.score for r in a), reverse=True)
     # the codes do not depend on the batch size at all; the decoded pixels only up to float rounding, since the
     # convolution kernels that oneDNN picks depend on the batch size (seen: 1 of 3072 values off by 1 on an AVX2 CPU)
     codes = [pipe.prior.generate(["a blue square"], 4, seed=3, batch_size=bs) for bs in (4, 1)]
