@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import os
 import warnings
 from typing import Any, Optional
@@ -152,6 +153,17 @@ def build_strategy(tc: DictConfig, find_unused_parameters: bool = False) -> Any:
     raise ConfigError(f"trainer.strategy must be auto, ddp or fsdp, got '{tc.strategy}'")
 
 
+def _drop_tips(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("\U0001f4a1 Tip")
+
+
+def _quiet_lightning_tips() -> None:
+    """Lightning advertises its cloud logger on every start; a run's log is for the run."""
+    logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if _drop_tips not in logger.filters:
+        logger.addFilter(_drop_tips)
+
+
 def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None,
                   manual_optimization: bool = False) -> pl.Trainer:
     """``manual_optimization``: the module accumulates and clips itself, so the Trainer gets neither setting."""
@@ -159,6 +171,10 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None,
     # Lightning warns about every IterableDataset with a length; ours has one only with data.resampled, where each
     # loader worker stops at exactly its share of the epoch (data/datamodule.py, _EpochLimit), so it is exact.
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+    # With manual optimization Lightning asks for the weights from before the step; ours resume after it, with the
+    # optimizer and step counter of that same moment, which is what makes a resumed run end where an unbroken one does.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    _quiet_lightning_tips()
     strategy = build_strategy(tc, find_unused_parameters=manual_optimization)
     checkpoint = ModelCheckpoint(
         dirpath=run.checkpoints, filename="step{step:07d}", auto_insert_metric_name=False,
