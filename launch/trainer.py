@@ -174,6 +174,8 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None,
     # With manual optimization Lightning asks for the weights from before the step; ours resume after it, with the
     # optimizer and step counter of that same moment, which is what makes a resumed run end where an unbroken one does.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    # Lightning 2.6 on torch 2.14 trips torch's own deprecation on every fit; nothing a user can change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     _quiet_lightning_tips()
     strategy = build_strategy(tc, find_unused_parameters=manual_optimization)
     checkpoint = ModelCheckpoint(
