@@ -53,7 +53,7 @@ def test_patchgan_layout_and_generator_terms():
     total, logs = loss.generator_loss(x, xrec, torch.tensor(0.5), last.weight, step=0)
     logits = loss.discriminator(xrec)
     expected = F.l1_loss(xrec, x) + 0.5 + 0.75 * logs["adaptive_weight"] * F.softplus(-logits).mean()
-    assert float(total.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(total.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     d, dlogs = loss.discriminator_loss(x, xrec)
     assert {"d", "logits_real", "logits_fake"} <= set(dlogs) and d.requires_grad
 
