@@ -108,6 +108,6 @@ def test_lpips_backbone_loads_from_local_file_and_stays_out_of_state_dict(tmp_pa
     assert d.shape == (2,) and float(loss.perceptual(x, x).abs().max()) < 1e-6
     xrec = (x + 0.1 * torch.randn_like(x)).requires_grad_(True)
     total, logs = loss.generator_loss(x, xrec, torch.tensor(0.0), xrec, step=0)
-    assert float(total.detach()) == pytest.approx(float(F.l1_loss(xrec, x) + logs["lpips"]), rel=1e-5)
+    assert float(total.detach()) == pytest.approx(float((F.l1_loss(xrec, x) + logs["lpips"]).detach()), rel=1e-5)
     total.backward()
     assert xrec.grad.abs().sum() > 0  # LPIPS is differentiable w.r.t. the reconstruction
