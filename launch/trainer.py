@@ -157,8 +157,17 @@ def _drop_tips(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("\U0001f4a1 Tip")
 
 
-def _quiet_lightning_tips() -> None:
-    """Lightning advertises its cloud logger on every start; a run's log is for the run."""
+def _quiet_lightning() -> None:
+    """Keep Lightning's advice that does not apply to our runs out of their logs (each line says why it does not)."""
+    # Lightning warns about every IterableDataset with a length; ours has one only with data.resampled, where each
+    # loader worker stops at exactly its share of the epoch (data/datamodule.py, _EpochLimit), so it is exact.
+    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+    # With manual optimization Lightning asks for the weights from before the step; ours resume after it, with the
+    # optimizer and step counter of that same moment, which is what makes a resumed run end where an unbroken one does.
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    # Lightning 2.6 on torch 2.14 trips torch's own deprecation on every fit; nothing a user can change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Lightning advertises its cloud logger on every start.
     logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if _drop_tips not in logger.filters:
         logger.addFilter(_drop_tips)
@@ -168,15 +177,7 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None,
                   manual_optimization: bool = False) -> pl.Trainer:
     """``manual_optimization``: the module accumulates and clips itself, so the Trainer gets neither setting."""
     tc = cfg.trainer
-    # Lightning warns about every IterableDataset with a length; ours has one only with data.resampled, where each
-    # loader worker stops at exactly its share of the epoch (data/datamodule.py, _EpochLimit), so it is exact.
-    warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
-    # With manual optimization Lightning asks for the weights from before the step; ours resume after it, with the
-    # optimizer and step counter of that same moment, which is what makes a resumed run end where an unbroken one does.
-    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    # Lightning 2.6 on torch 2.14 trips torch's own deprecation on every fit; nothing a user can change.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    _quiet_lightning_tips()
+    _quiet_lightning()
     strategy = build_strategy(tc, find_unused_parameters=manual_optimization)
     checkpoint = ModelCheckpoint(
         dirpath=run.checkpoints, filename="step{step:07d}", auto_insert_metric_name=False,
