@@ -25,7 +25,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout=1800
 
 demo: $(STAMP)
-	$(BIN)/python -m launch.demo
+	$(BIN)/python -m demo
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

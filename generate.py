@@ -9,7 +9,6 @@ writes OUTDIR/grid.png (one row per prompt, best first), OUTDIR/PROMPT-INDEX_RAN
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -17,16 +16,14 @@ import sys
 import numpy as np
 import torch
 
-from launch.pipeline import PRIOR_WEIGHT, RANK_SHIFTS
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="+")
     p.add_argument("--bundle", help="folder with vqgan/, bart_prior/, clip_rank/")
     p.add_argument("--vqgan", help="override the bundle's VQGAN folder")
-    p.add_argument("--prior", help="override the bundle's prior folder")
-    p.add_argument("--clip", help="override the bundle's CLIP folder")
+    p.add_argument("--bart-prior", "--prior", dest="bart_prior", help="override the bundle's prior folder")
+    p.add_argument("--clip-rank", "--clip", dest="clip_rank", help="override the bundle's CLIP folder")
     p.add_argument("--candidates", type=int, default=16)
     p.add_argument("--keep", type=int, default=4)
     p.add_argument("--condition-scale", type=float, default=None, help="default: the prior's own (set at training)")
@@ -37,42 +34,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="candidates sampled, decoded and scored at a time")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="the prior's matrix products; auto = bf16 on CUDA with bf16 and on AVX512-bf16 CPUs")
-    p.add_argument("--rank-shifts", type=int, default=RANK_SHIFTS,
-                   help="CLIP scores averaged over the image and its translations by up to N pixels (1 + 8N views; "
-                        "0 = the image alone)")
-    p.add_argument("--rank-prior-weight", type=float, default=PRIOR_WEIGHT,
-                   help="weight of the prior's log-likelihood next to CLIP in the ranking, both z-scored over a "
-                        "prompt's candidates (0 = CLIP alone)")
+    p.add_argument("--rank-shifts", type=int, default=0,
+                   help="average CLIP's score over the image and its translations by up to N pixels (1 + 8N views; "
+                        "0 = the image alone): steadier scores for small details, at 1 + 8N times the CLIP cost")
     p.add_argument("--no-rank", action="store_true", help="keep the first K candidates, no CLIP")
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from launch.bundle import BundleError
-    from launch.images import make_grid, save_png
-    from launch.pipeline import Pipeline
+    from core.errors import UserError
+    from core.files import write_json
+    from pipeline import Pipeline, make_grid, save_png
 
-    if args.candidates < 1 or args.keep < 1:
-        print("error: --candidates and --keep must be at least 1", file=sys.stderr)
-        return 2
-    if args.rank_shifts < 0 or args.rank_prior_weight < 0:
-        print("error: --rank-shifts and --rank-prior-weight must be 0 or more", file=sys.stderr)
+    for flag, value, least in (("--candidates", args.candidates, 1), ("--keep", args.keep, 1),
+                               ("--batch-size", args.batch_size, 1), ("--rank-shifts", args.rank_shifts, 0)):
+        if value < least:
+            print(f"error: {flag} must be at least {least}, got {value}", file=sys.stderr)
+            return 2
+    if args.keep > args.candidates:
+        print(f"error: --keep {args.keep} is more than --candidates {args.candidates}", file=sys.stderr)
         return 2
     try:
-        pipe = Pipeline.from_pretrained(args.bundle, vqgan=args.vqgan, prior=args.prior, clip=args.clip,
-                                        device=args.device, load_clip=not args.no_rank)
-    except (BundleError, FileNotFoundError, ValueError) as exc:
+        pipe = Pipeline.from_pretrained(args.bundle, vqgan=args.vqgan, bart_prior=args.bart_prior,
+                                        clip_rank=args.clip_rank, device=args.device, load_clip=not args.no_rank)
+    except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     rank = not args.no_rank and pipe.ranker is not None
     if not args.no_rank and not rank:
-        print("error: no CLIP part in the bundle: pass --clip DIR or --no-rank", file=sys.stderr)
+        print("error: no CLIP part in the bundle: pass --clip-rank DIR or --no-rank", file=sys.stderr)
         return 2
     results = pipe(args.prompts, num_candidates=args.candidates, keep=args.keep,
                    condition_scale=args.condition_scale, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, rank=rank,
-                   precision=args.precision, rank_shifts=args.rank_shifts, prior_weight=args.rank_prior_weight)
+                   precision=args.precision, rank_shifts=args.rank_shifts)
     os.makedirs(args.out, exist_ok=True)
     rows, records = [], []
     for i, (prompt, ranked) in enumerate(zip(args.prompts, results)):
@@ -81,13 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             r.image.save(os.path.join(args.out, name))
             rows.append(torch.from_numpy(np.array(r.image)).permute(2, 0, 1))  # a copy: PIL's buffer is read-only
             records.append({"prompt": prompt, "prompt_index": i, "rank": r.rank, "candidate": r.candidate,
-                            "seed": args.seed, "clip_score": r.score, "prior_log_likelihood": r.log_likelihood,
-                            "rank_score": r.rank_score, "file": name})
+                            "seed": args.seed, "clip_score": r.score, "file": name})
     save_png(make_grid(torch.stack(rows), nrow=len(results[0])), os.path.join(args.out, "grid.png"))
-    with open(os.path.join(args.out, "results.json.tmp"), "w") as fh:
-        json.dump({"settings": {k: v for k, v in vars(args).items() if k != "prompts"}, "results": records}, fh,
-                  indent=2, ensure_ascii=False)
-    os.replace(os.path.join(args.out, "results.json.tmp"), os.path.join(args.out, "results.json"))
+    write_json(os.path.join(args.out, "results.json"),
+               {"settings": {k: v for k, v in vars(args).items() if k != "prompts"}, "results": records})
     print(os.path.join(args.out, "grid.png"))
     return 0
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """The one training entry point.
 
-    python train.py COMPONENT --config FILE [key=value ...]          train (resumes runs/NAME when present)
-    python train.py COMPONENT --config FILE --slurm [--nodes N ...]  write runs/NAME/job.sbatch and submit it
-    python train.py bundle --vqgan D1 --prior D2 --clip D3 --out DIR assemble a generation bundle
+    python train.py STAGE --config FILE [key=value ...]            train (resumes runs/NAME when present)
+    python train.py STAGE --config FILE --slurm [--nodes N ...]    write runs/NAME/job.sbatch and submit it
+    python train.py bundle --vqgan D1 --bart-prior D2 --clip-rank D3 --out DIR    assemble a generation bundle
 
-COMPONENT is vqgan, bart_prior or clip. Everything is in launch/; this file only parses the command line.
+STAGE is vqgan, bart_prior or clip_rank (``clip`` and ``prior`` are accepted too). The training plumbing is in
+launch/, bundles in pipeline/; this file only parses the command line.
 """
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ import argparse
 import logging
 import sys
 
-from launch.components import REGISTRY
-from launch.config import ConfigError
+from core.errors import UserError
+from launch.components import ALIASES, REGISTRY, canonical_name
 
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("component", choices=sorted(REGISTRY))
+    p.add_argument("component", choices=sorted(REGISTRY) + sorted(ALIASES), metavar="STAGE",
+                   help="vqgan | bart_prior | clip_rank")
     p.add_argument("--config", help="YAML file (may 'extends:' others)")
     p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. trainer.max_steps=100 data.batch_size=8")
     s = p.add_argument_group("SLURM")
@@ -37,9 +39,12 @@ def _train_parser() -> argparse.ArgumentParser:
 def _bundle_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train.py bundle", description="Assemble vqgan/, bart_prior/, clip_rank/ "
                                 "into one folder for generate.py, checking that the parts fit.")
-    p.add_argument("--vqgan", required=True)
-    p.add_argument("--prior", required=True)
-    p.add_argument("--clip", required=True)
+    p.add_argument("--vqgan", required=True, help="a VQGAN save_pretrained folder")
+    p.add_argument("--bart-prior", "--prior", dest="bart_prior", required=True,
+                   help="a BartPrior save_pretrained folder")
+    p.add_argument("--clip-rank", "--clip", dest="clip_rank", required=True, help="a CLIP (open_clip) folder")
+    p.add_argument("--condition-scale", type=float, help="store this sampling default in the bundle's prior")
+    p.add_argument("--temperature", type=float, help="store this sampling default in the bundle's prior")
     p.add_argument("--out", required=True)
     return p
 
@@ -47,22 +52,25 @@ def _bundle_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for package in ("launch", "vqgan", "bart_prior", "clip_rank", "data"):  # our progress notes, not libraries' chatter
+    for package in ("launch", "pipeline", "vqgan", "bart_prior", "clip_rank", "data"):  # our progress notes, not libraries' chatter
         logging.getLogger(package).setLevel(logging.INFO)
     try:
         if argv[:1] == ["bundle"]:
-            from launch.bundle import assemble_bundle
+            from pipeline.bundle import assemble_bundle
 
             a = _bundle_parser().parse_args(argv[1:])
-            print(assemble_bundle(a.vqgan, a.prior, a.clip, a.out))
+            sampling = {k: v for k, v in (("condition_scale", a.condition_scale), ("temperature", a.temperature))
+                        if v is not None}
+            print(assemble_bundle(a.vqgan, a.bart_prior, a.clip_rank, a.out, sampling=sampling))
             return 0
         args = _train_parser().parse_intermixed_args(argv)
+        args.component = canonical_name(args.component)
         if args.slurm:
             return _slurm(args)
         from launch.train import run_training
 
         result = run_training(args.component, args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if result.export_dir is None:

@@ -6,11 +6,11 @@ transformers' BART modelling code nor finds its own module imported twice (runpy
 from typing import Any
 
 _LAZY = {"TokenizerError": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
-         "PRESETS": "model", "PriorConfig": "model", "PriorConfigError": "model", "PriorModel": "model",
+         "PriorConfig": "model", "PriorConfigError": "model", "PriorModel": "model",
          "preset": "model", "BartPrior": "prior", "SamplingOptions": "sampling", "candidate_seed": "sampling",
          "sample_codes": "sampling"}
 
-__all__ = ["BartPrior", "PRESETS", "PriorConfig", "PriorConfigError", "PriorModel",
+__all__ = ["BartPrior", "PriorConfig", "PriorConfigError", "PriorModel",
            "SamplingOptions", "TokenizerError", "candidate_seed", "load_tokenizer", "preset", "sample_codes",
            "train_tokenizer"]
 

@@ -18,7 +18,8 @@ from torch import nn
 from transformers import BartConfig
 from transformers.models.bart.modeling_bart import BartDecoder, BartEncoder
 
-from launch.config import ConfigError
+from core.configs import model_preset
+from core.errors import ConfigError
 
 
 class PriorConfigError(ConfigError):
@@ -64,11 +65,11 @@ class PriorConfig:
         return self.codebook_size
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "PriorConfig":
+    def from_dict(cls, values: dict[str, Any], source: str = "model config") -> "PriorConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise PriorConfigError(f"unknown model config keys: {', '.join(unknown)}")
+            raise PriorConfigError(f"{source}: unknown model config keys: {', '.join(unknown)}")
         cfg = cls(**values)
         cfg.grid = [int(g) for g in cfg.grid]
         return cfg
@@ -77,22 +78,11 @@ class PriorConfig:
         return dataclasses.asdict(self)
 
 
-# DALL·E Mini/Mega sizes (ANCHORS.md). GLU feed-forwards are replaced by plain GELU ones of equal parameter count.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(d_model=32, encoder_layers=1, decoder_layers=2, attention_heads=2, ffn_dim=64),
-    "shapes": dict(d_model=128, encoder_layers=3, decoder_layers=3, attention_heads=2, ffn_dim=512),
-    "mini": dict(d_model=1024, encoder_layers=12, decoder_layers=12, attention_heads=16, ffn_dim=4096,
-                 codebook_size=16384, grid=[16, 16], text_vocab_size=50264, max_text_length=64),
-    "mega": dict(d_model=2048, encoder_layers=24, decoder_layers=24, attention_heads=32, ffn_dim=6144,
-                 codebook_size=16384, grid=[16, 16], text_vocab_size=50272, max_text_length=64),
-}
-
-
 def preset(name: str, **overrides: Any) -> PriorConfig:
-    """A named size (tiny, shapes, mini, mega) with ``overrides`` (e.g. the VQGAN's codebook_size and grid)."""
-    if name not in PRESETS:
-        raise PriorConfigError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
-    return PriorConfig.from_dict({**PRESETS[name], **overrides})
+    """The model size of a shipped config (the ``model:`` section of configs/bart_prior/NAME.yaml: tiny, shapes,
+    mini, mega, ...) with ``overrides`` (e.g. the VQGAN's codebook_size and grid)."""
+    values = {k: v for k, v in model_preset("bart_prior", name).items() if v is not None}
+    return PriorConfig.from_dict({**values, **overrides}, source=f"configs/bart_prior/{name}.yaml")
 
 
 def _read_pretrained_bart(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -6,27 +6,29 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import warnings
 from typing import Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from bart_prior.model import PriorConfig, PriorModel
 from bart_prior.sampling import SamplingOptions, candidate_seed, candidate_uniforms, resolve_precision, sample_codes
 from bart_prior.tokenizer import load_tokenizer
+from core.files import atomic_folder, load_safetensors, load_state, read_json, require_files
+
+CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_DIR = "config.json", "model.safetensors", "tokenizer"
 
 # Frames in these folders are skipped when a prompt warning names its source line: the line a user wrote (their
 # script, generate.py) is more use than torch's inference_mode wrapper or the Pipeline's internals.
 _PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_INTERNAL_DIRS = (os.path.join(_PROJECT, "bart_prior") + os.sep, os.path.join(_PROJECT, "launch") + os.sep,
+_INTERNAL_DIRS = (os.path.join(_PROJECT, "bart_prior") + os.sep, os.path.join(_PROJECT, "pipeline") + os.sep,
                   os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
 
 
 def _user_stacklevel() -> int:
-    """warnings.warn's stacklevel for the first caller outside this package, launch/ and torch."""
+    """warnings.warn's stacklevel for the first caller outside this package, pipeline/ and torch."""
     frame, level = sys._getframe(1), 1
     while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
         frame, level = frame.f_back, level + 1
@@ -53,35 +55,30 @@ class BartPrior(torch.nn.Module):
         return int(self.config.grid[0]), int(self.config.grid[1])
 
     # ---- folder format
-    def save_pretrained(self, out_dir: str) -> None:
-        """Write the folder atomically (temp folder, then rename)."""
-        out_dir = os.path.abspath(out_dir)
-        tmp = f"{out_dir}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        cfg = self.config.to_dict() | {"text_encoder_from": None}  # the weights now live in this folder
-        with open(os.path.join(tmp, "config.json"), "w") as fh:
-            json.dump(cfg, fh, indent=2)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
-        save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        self.tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+    def save_pretrained(self, path: str) -> None:
+        """Write ``config.json`` + ``model.safetensors`` + ``tokenizer/`` (atomically: a previous folder stays whole
+        until this one is complete)."""
+        with atomic_folder(path) as tmp:
+            cfg = self.config.to_dict() | {"text_encoder_from": None}  # the weights now live in this folder
+            with open(os.path.join(tmp, CONFIG_NAME), "w") as fh:
+                json.dump(cfg, fh, indent=2)
+            state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+            save_file(state, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+            self.tokenizer.save_pretrained(os.path.join(tmp, TOKENIZER_DIR))
 
     @classmethod
-    def from_pretrained(cls, folder: str, map_location: str | torch.device = "cpu") -> "BartPrior":
-        for name in ("config.json", "model.safetensors", "tokenizer"):
-            if not os.path.exists(os.path.join(folder, name)):
-                raise FileNotFoundError(f"{folder} is not a BartPrior folder (missing {name}); create one with "
-                                        "BartPrior.save_pretrained or `python train.py bart_prior` (runs/NAME/export)")
-        with open(os.path.join(folder, "config.json")) as fh:
-            config = PriorConfig.from_dict(json.load(fh))
-        tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
-        prior = cls(config, tokenizer)
-        prior.model.load_state_dict(load_file(os.path.join(folder, "model.safetensors"), device=str(map_location)),
-                                    strict=True)
-        return prior.to(map_location).eval()
+    def from_pretrained(cls, path: str, device: str | torch.device = "cpu", *,
+                        map_location: str | torch.device | None = None) -> "BartPrior":
+        """Load a ``save_pretrained`` folder onto ``device`` (``map_location`` is its older name)."""
+        device = map_location or device
+        require_files(path, (CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_DIR), "BartPrior",
+                      "create one with BartPrior.save_pretrained or `python train.py bart_prior` (runs/NAME/export)")
+        config = PriorConfig.from_dict(read_json(os.path.join(path, CONFIG_NAME)),
+                                       source=os.path.join(path, CONFIG_NAME))
+        prior = cls(config, load_tokenizer(os.path.join(path, TOKENIZER_DIR)))
+        weights = os.path.join(path, WEIGHTS_NAME)
+        load_state(prior.model, load_safetensors(weights), source=weights)
+        return prior.to(device).eval()
 
     # ---- text
     def encode_prompts(self, prompts: Sequence[str], warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +107,7 @@ class BartPrior(torch.nn.Module):
                  condition_scale: Optional[float] = None, temperature: Optional[float] = None,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
                  batch_size: Optional[int] = None, use_cache: bool = True,
-                 precision: str = "fp32") -> torch.LongTensor:
+                 precision: str = "auto") -> torch.LongTensor:
         """Sample ``num_candidates`` code sequences per prompt -> LongTensor (len(prompts), num_candidates, h*w).
 
         Candidate c of prompt p depends only on (seed, p, c) and the sampling options, not on ``batch_size``
@@ -154,7 +151,7 @@ class BartPrior(torch.nn.Module):
 
     @torch.inference_mode()
     def log_likelihood(self, prompts: Sequence[str], codes: torch.Tensor, temperature: Optional[float] = None,
-                       batch_size: int = 64, precision: str = "fp32") -> torch.Tensor:
+                       batch_size: int = 64, precision: str = "auto") -> torch.Tensor:
         """Teacher-forced log-probability of each candidate's codes given its prompt -> (len(prompts), C) float.
 
         ``codes``: (P, C, h*w) or (P, h*w), as ``generate`` returns them. The conditional distribution (no guidance)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bart_prior.model import PriorModel
-from launch.hardware import bf16_is_fast
+from core.hardware import bf16_is_fast
 
 
 @dataclass
@@ -38,7 +38,7 @@ CPU_BF16_MIN_WORK = 16384
 
 
 def resolve_precision(precision: str, device: torch.device, rows: int = 32, d_model: int = 1024) -> str:
-    """'auto' -> 'bf16' where it is faster: where bf16 matrix products are fast (launch.hardware), and on CPUs only
+    """'auto' -> 'bf16' where it is faster: where bf16 matrix products are fast (core.hardware), and on CPUs only
     once a decoder batch has ``rows x d_model >= CPU_BF16_MIN_WORK`` (below that the conversions cost more than the
     bf16 products save: 128 rows for the shapes prior, 16 for a 1024-wide one)."""
     if precision not in ("auto", "fp32", "bf16"):

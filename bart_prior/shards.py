@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from launch.config import ConfigError
+from core.errors import ConfigError
 
 
 class CodeShardMismatch(ConfigError):

@@ -13,7 +13,7 @@ import shutil
 import sys
 from typing import Iterable, Iterator
 
-from launch.config import ConfigError
+from core.errors import ConfigError
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 

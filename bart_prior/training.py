@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from bart_prior.model import PriorConfig, resolve_text_encoder
-from bart_prior.prior import BartPrior
+from bart_prior.prior import TOKENIZER_DIR, WEIGHTS_NAME, BartPrior
 from bart_prior.shards import check_batch, check_code_shards
 from bart_prior.tokenizer import load_tokenizer
+from core.files import init_from
 from launch.components import Component
 from launch.config import ConfigError, RunConfig
 from launch.schedule import budget_spent, lr_factor
@@ -34,7 +35,7 @@ class TokenizerSection:
 
 
 @dataclass
-class OptimConfig:
+class PriorOptimConfig:
     name: str = "adamw"  # adamw | adafactor
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
@@ -66,30 +67,28 @@ class PriorTrainConfig:
 class PriorRunConfig(RunConfig):
     model: PriorConfig = field(default_factory=PriorConfig)
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: PriorOptimConfig = field(default_factory=PriorOptimConfig)
     train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
 
 
 def build_prior(cfg: DictConfig) -> BartPrior:
-    """The prior a run starts from: ``init_from`` weights, else a fresh one (optionally a pretrained encoder)."""
-    tok = load_tokenizer(cfg.tokenizer.path, min_vocab=cfg.tokenizer.min_vocab) if cfg.tokenizer.path else None
-    if cfg.init_from:
-        if not os.path.isdir(cfg.init_from):
-            raise ConfigError(f"init_from: no folder {cfg.init_from} (a BartPrior export, e.g. runs/NAME/export)")
-        prior = BartPrior.from_pretrained(cfg.init_from)
-        mc = prior.config
-        if mc.codebook_size != cfg.model.codebook_size or list(mc.grid) != list(cfg.model.grid):
-            raise ConfigError(f"init_from {cfg.init_from} predicts {mc.codebook_size} codes on a {mc.grid} grid, the "
-                              f"config asks for {cfg.model.codebook_size} on {list(cfg.model.grid)}")
-        return prior.train()
-    if tok is None:
+    """The prior a run starts from: the configured architecture, fresh (optionally with a pretrained text encoder)
+    or with the weights of an ``init_from`` folder. The tokenizer is ``tokenizer.path``, else the ``init_from``
+    folder's own."""
+    tok_path = cfg.tokenizer.path or (os.path.join(cfg.init_from, TOKENIZER_DIR) if cfg.init_from else "")
+    if not tok_path:
         raise ConfigError("tokenizer.path is empty: train one with `python -m bart_prior.tokenizer train "
                           "--input PATTERN --vocab-size N --out DIR` and pass tokenizer.path=DIR")
-    model_cfg = PriorConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-    model_cfg = resolve_text_encoder(model_cfg)
+    if cfg.init_from and not os.path.isdir(cfg.init_from):
+        raise ConfigError(f"init_from: no folder {cfg.init_from} (a BartPrior export, e.g. runs/NAME/export)")
+    tok = load_tokenizer(tok_path, min_vocab=cfg.tokenizer.min_vocab)
+    model_cfg = resolve_text_encoder(PriorConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True)))
     if model_cfg.text_vocab_size is None:
         model_cfg.text_vocab_size = len(tok)
-    return BartPrior(model_cfg, tok)
+    prior = BartPrior(model_cfg, tok)
+    if cfg.init_from:
+        init_from(prior.model, cfg.init_from, WEIGHTS_NAME, "BartPrior")
+    return prior
 
 
 class PriorModule(ShardedModule):

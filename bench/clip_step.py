@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from clip_rank.io import build_clip  # noqa: E402
 from clip_rank.ranker import ClipRanker  # noqa: E402
 from clip_rank.training import make_clip_loss, param_groups  # noqa: E402
-from launch.hardware import attention_backends  # noqa: E402
+from core.hardware import attention_backends  # noqa: E402
 
 TINY = {"embed_dim": 32,
         "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},

@@ -2,11 +2,9 @@
 the share of each stage, at the demo size and at DALL·E Mini's size (random weights: speed, not quality).
 
     python bench/generate.py [--sizes demo mini] [--candidates 16] [--scale 3] [--repeats 2] [--threads N]
-                             [--rank-shifts N] [--rank-prior-weight W]
+                             [--rank-shifts N]
 
-Ranking uses generate.py's default test-time views (launch.pipeline.RANK_SHIFTS: 17 shifted copies per image).
-With --rank-prior-weight W > 0 the prior also scores its candidates (BartPrior.log_likelihood, one teacher-forced
-pass), timed as its own column, as generate.py --rank-prior-weight W does.
+Ranking uses one CLIP view per image unless --rank-shifts N asks for 1 + 8N shifted views (generate.py's option).
 """
 from __future__ import annotations
 
@@ -23,7 +21,6 @@ from bart_prior import BartPrior, train_tokenizer
 from bart_prior import preset as prior_preset
 from clip_rank import ClipRanker, build_clip
 from clip_rank.ranker import shift_offsets
-from launch.pipeline import PRIOR_WEIGHT, RANK_SHIFTS, rank_scores
 from vqgan import VQGAN
 from vqgan import preset as vq_preset
 
@@ -46,8 +43,7 @@ def build(size: str, tok_dir: str):
     return vq, prior, ranker
 
 
-def once(vq, prior, ranker, candidates: int, scale: float, shifts: int = RANK_SHIFTS,
-         prior_weight: float = PRIOR_WEIGHT) -> dict[str, float]:
+def once(vq, prior, ranker, candidates: int, scale: float, shifts: int = 0) -> dict[str, float]:
     t0 = time.perf_counter()
     codes = prior.generate([PROMPT], num_candidates=candidates, condition_scale=scale, seed=0)[0]
     t1 = time.perf_counter()
@@ -56,11 +52,8 @@ def once(vq, prior, ranker, candidates: int, scale: float, shifts: int = RANK_SH
     t2 = time.perf_counter()
     scores = ranker.score(PROMPT, images, shifts=shifts)
     t3 = time.perf_counter()
-    loglik = prior.log_likelihood([PROMPT], codes[None], precision="auto")[0] if prior_weight else None
-    scores = rank_scores(scores, loglik, prior_weight)
-    t4 = time.perf_counter()
     assert scores.shape == (candidates,)
-    return {"sample": t1 - t0, "decode": t2 - t1, "rank": t3 - t2, "likelihood": t4 - t3, "total": t4 - t0}
+    return {"sample": t1 - t0, "decode": t2 - t1, "rank": t3 - t2, "total": t3 - t0}
 
 
 def main() -> None:
@@ -70,30 +63,26 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=3.0)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--rank-shifts", type=int, default=RANK_SHIFTS, help="CLIP test-time shift views (1 + 8N)")
-    p.add_argument("--rank-prior-weight", type=float, default=PRIOR_WEIGHT,
-                   help="rank with the prior's log-likelihood too (generate.py --rank-prior-weight)")
+    p.add_argument("--rank-shifts", type=int, default=0, help="CLIP test-time shift views (1 + 8N)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, {args.candidates} candidates, "
           f"guidance scale {args.scale}, {len(shift_offsets(args.rank_shifts))} CLIP view(s) per image; median of "
-          f"{args.repeats} runs after one warm-up; prior's log-likelihood in the ranking at weight "
-          f"{args.rank_prior_weight}")
-    print("| size | params (VQGAN / prior / CLIP) | s per prompt | sampling | decoding | CLIP ranking | likelihood |")
-    print("|---|---|---|---|---|---|---|")
+          f"{args.repeats} runs after one warm-up")
+    print("| size | params (VQGAN / prior / CLIP) | s per prompt | sampling | decoding | CLIP ranking |")
+    print("|---|---|---|---|---|---|")
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as tok:
             vq, prior, ranker = build(size, tok)
         params = [sum(x.numel() for x in m.parameters()) / 1e6 for m in (vq, prior, ranker.model)]
-        options = (args.scale, args.rank_shifts, args.rank_prior_weight)
+        options = (args.scale, args.rank_shifts)
         once(vq, prior, ranker, min(2, args.candidates), *options)  # warm-up
         runs = [once(vq, prior, ranker, args.candidates, *options) for _ in range(args.repeats)]
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        share = {k: 100 * med[k] / med["total"] for k in ("sample", "decode", "rank", "likelihood")}
+        share = {k: 100 * med[k] / med["total"] for k in ("sample", "decode", "rank")}
         print(f"| {size} | {params[0]:.1f}M / {params[1]:.1f}M / {params[2]:.1f}M | {med['total']:.2f} | "
-              f"{share['sample']:.0f}% | {share['decode']:.0f}% | {share['rank']:.0f}% | "
-              f"{share['likelihood']:.0f}% |", flush=True)
+              f"{share['sample']:.0f}% | {share['decode']:.0f}% | {share['rank']:.0f}% |", flush=True)
 
 
 if __name__ == "__main__":

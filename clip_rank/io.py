@@ -11,7 +11,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -22,7 +21,8 @@ from open_clip.push_to_hf_hub import save_config_for_hf
 from safetensors.torch import save_file
 
 from clip_rank.model import ClipModel
-from launch.config import ConfigError
+from core.errors import ConfigError
+from core.files import atomic_folder, check_safetensors, read_json, require_files
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -179,29 +179,18 @@ def load_clip(folder: str) -> ClipModel:
     if kind != "dir":
         raise PretrainedNotFoundError(f"CLIP folder: '{os.path.abspath(str(folder))}' is not a folder with "
                                       f"{CONFIG_NAME} + {WEIGHTS_NAME}")
-    if not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-        raise PretrainedNotFoundError(f"CLIP folder '{os.path.abspath(path)}' has no {WEIGHTS_NAME}")
+    require_files(path, (CONFIG_NAME, WEIGHTS_NAME), "CLIP", "pass a folder written by ClipRanker.save_pretrained "
+                  "or open_clip (a training run's export/)")
+    read_json(os.path.join(path, CONFIG_NAME))
+    check_safetensors(os.path.join(path, WEIGHTS_NAME))
     return build_clip(pretrained=path).eval()
 
 
-def save_clip(model: ClipModel, out_dir: str) -> str:
-    """Write ``out_dir`` as an open_clip local-dir folder, atomically (temp folder, then rename)."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp", dir=parent)
-    try:
+def save_clip(model: ClipModel, path: str) -> str:
+    """Write ``path`` as an open_clip local-dir folder (atomically: a previous folder stays whole until this one is
+    complete)."""
+    with atomic_folder(path) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.clip.state_dict().items()}
         save_file(tensors, os.path.join(tmp, WEIGHTS_NAME))
         save_config_for_hf(model.clip, Path(tmp) / CONFIG_NAME, model_config=model.model_cfg)
-        old = None
-        if os.path.exists(out_dir):
-            old = f"{tmp}.old"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.path.abspath(path)

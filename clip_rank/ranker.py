@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from clip_rank.io import load_clip
+from clip_rank.io import load_clip, save_clip
 from clip_rank.model import ClipModel
 
 Images = Union[torch.Tensor, Sequence[Union[torch.Tensor, Image.Image]]]
@@ -46,10 +46,15 @@ class ClipRanker:
         self.transform = image_transform_v2(PreprocessCfg(**pp), is_train=False)
 
     @classmethod
-    def from_pretrained(cls, folder: str, device: Union[str, torch.device] = "cpu", batch_size: int = 64,
+    def from_pretrained(cls, path: str, device: Union[str, torch.device] = "cpu", batch_size: int = 64,
                         shifts: int = 0) -> "ClipRanker":
-        """Load an exported folder (open_clip_config.json + open_clip_model.safetensors)."""
-        return cls(load_clip(folder), device=device, batch_size=batch_size, shifts=shifts)
+        """Load an exported folder (open_clip_config.json + open_clip_model.safetensors) onto ``device``."""
+        return cls(load_clip(path), device=device, batch_size=batch_size, shifts=shifts)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write the model as an open_clip ``local-dir`` folder (atomically), which ``from_pretrained`` and
+        ``open_clip.create_model_and_transforms('local-dir:PATH')`` load."""
+        save_clip(self.model, path)
 
     def _pixels(self, images: Images) -> list[torch.Tensor]:
         """-> chunks of model-ready pixels, at most ``batch_size`` images each."""

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from omegaconf import MISSING, DictConfig, OmegaConf
 from open_clip import ClipLoss
 
-from clip_rank.io import PretrainedNotFoundError, build_clip, resolve_pretrained, save_clip
+from clip_rank.io import WEIGHTS_NAME, PretrainedNotFoundError, build_clip, save_clip
 from clip_rank.model import ClipModel, symmetric_infonce
 from clip_rank.negatives import flatten_negatives, one_word_swaps
+from core.files import init_from
 from launch.components import Component
 from launch.schedule import budget_spent, lr_factor
 from launch.sharding import ShardedModule
@@ -232,14 +233,11 @@ class ClipModule(ShardedModule):
         m = cfg.model
         if OmegaConf.is_missing(m, "pretrained"):
             raise ConfigError("model.pretrained is required: a checkpoint file, an open_clip folder, or 'scratch'")
-        pretrained = m.pretrained
-        if cfg.get("init_from"):
-            if resolve_pretrained(cfg.init_from, what="init_from")[0] != "dir":
-                raise PretrainedNotFoundError(f"init_from: '{cfg.init_from}' is not an exported CLIP folder")
-            pretrained = cfg.init_from
         self.model: ClipModel = build_clip(
-            name=m.name, arch=m.arch, pretrained=pretrained, image_size=m.image_size,
+            name=m.name, arch=m.arch, pretrained=m.pretrained, image_size=m.image_size,
             context_length=m.context_length, image_mean=m.image_mean, image_std=m.image_std)
+        if cfg.get("init_from"):
+            init_from(self.model.clip, cfg.init_from, WEIGHTS_NAME, "CLIP")
         self.model.lock(image=m.lock_image, image_unlocked_groups=m.lock_image_unlocked_groups,
                         text=m.lock_text, text_unlocked_layers=m.lock_text_unlocked_layers)
         if cfg.loss.hard_negatives < 0:
@@ -369,4 +367,4 @@ class ClipModule(ShardedModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-COMPONENT = Component(name="clip", schema=ClipRunConfig, build=ClipModule, data_mode="images")
+COMPONENT = Component(name="clip_rank", schema=ClipRunConfig, build=ClipModule, data_mode="images")

@@ -33,15 +33,23 @@ class Component:
     fsdp_unsupported: Optional[str] = None
 
 
-# name -> "module:attribute" of a Component instance
+# stage name (its package's name) -> "module:attribute" of a Component instance
 REGISTRY: dict[str, str] = {
     "vqgan": "vqgan.training:COMPONENT",
     "bart_prior": "bart_prior.training:COMPONENT",
-    "clip": "clip_rank.training:COMPONENT",
+    "clip_rank": "clip_rank.training:COMPONENT",
 }
+# names users typed before the stages were called by their package names
+ALIASES: dict[str, str] = {"clip": "clip_rank", "prior": "bart_prior"}
+
+
+def canonical_name(name: str) -> str:
+    """A stage name or one of its aliases -> the stage name."""
+    return ALIASES.get(name, name)
 
 
 def get_component(name: str) -> Component:
+    name = canonical_name(name)
     if name not in REGISTRY:
         raise KeyError(f"unknown component '{name}'; choose one of: {', '.join(sorted(REGISTRY))}")
     module_name, attr = REGISTRY[name].split(":")

@@ -6,18 +6,17 @@ or a wrong type is reported with the file it came from, before any data is read.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from core.configs import file_chain
+from core.errors import ConfigError
 from data.config import DataConfig
 
-
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line naming the key and where it came from."""
+__all__ = ["ConfigError", "RunConfig", "TrainerConfig", "load_config", "to_yaml"]
 
 
 @dataclass
@@ -66,34 +65,6 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
-def _read_yaml(path: str) -> DictConfig:
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        cfg = OmegaConf.load(path)
-    except Exception as exc:  # yaml.YAMLError and friends
-        raise ConfigError(f"{path}: cannot parse YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(cfg, DictConfig):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    return cfg
-
-
-def _file_chain(path: str, seen: tuple[str, ...] = ()) -> list[tuple[str, DictConfig]]:
-    """The files to merge, bases first. ``extends:`` lists paths relative to the file that names them."""
-    path = os.path.abspath(path)
-    if path in seen:
-        raise ConfigError(f"{path}: circular 'extends'")
-    cfg = _read_yaml(path)
-    bases = cfg.pop("extends", None) or []
-    if isinstance(bases, str):
-        bases = [bases]
-    chain: list[tuple[str, DictConfig]] = []
-    for base in bases:
-        chain += _file_chain(os.path.join(os.path.dirname(path), str(base)), seen + (path,))
-    chain.append((path, cfg))
-    return chain
-
-
 def _one_line(exc: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or ""
     msg = str(exc).splitlines()[0]
@@ -109,7 +80,7 @@ def load_config(schema: type, path: Optional[str] = None, overrides: Sequence[st
     Returns a read-only-structured DictConfig; raises :class:`ConfigError` with one line on any problem.
     """
     cfg = OmegaConf.structured(schema)
-    sources = _file_chain(path) if path else []
+    sources = file_chain(path) if path else []
     for source, part in sources:
         try:
             cfg = OmegaConf.merge(cfg, part)

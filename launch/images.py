@@ -1,42 +1,14 @@
-"""Image grids: written as PNG files under the run folder (viewable without a server) and to TensorBoard."""
+"""Image grids logged while training: PNG files under the run folder (viewable without a server) and TensorBoard."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
+import pytorch_lightning as pl
 import torch
-from PIL import Image
+from torchvision.utils import make_grid
 
-if TYPE_CHECKING:  # importing Lightning costs seconds; the data, tokenizer, bundle and report CLIs never need it
-    import pytorch_lightning as pl
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) floats in [-1, 1] -> uint8 (B, 3, H, W)."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
-def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> torch.Tensor:
-    """uint8 or [-1, 1] float images (B, 3, H, W) -> one uint8 (3, H', W') grid, ``nrow`` images per row."""
-    if images.dtype != torch.uint8:
-        images = to_uint8(images)
-    b, c, h, w = images.shape
-    nrow = max(1, min(nrow, b))
-    rows = (b + nrow - 1) // nrow
-    grid = torch.full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), 255, dtype=torch.uint8)
-    for i in range(b):
-        r, col = divmod(i, nrow)
-        y, x = padding + r * (h + padding), padding + col * (w + padding)
-        grid[:, y:y + h, x:x + w] = images[i]
-    return grid
-
-
-def save_png(grid: torch.Tensor, path: str) -> None:
-    """Write a uint8 (3, H, W) tensor atomically as PNG."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
+from core.files import save_png
 
 
 def log_image_grid(module: pl.LightningModule, tag: str, images: torch.Tensor, nrow: int = 8) -> Optional[str]:
@@ -47,7 +19,9 @@ def log_image_grid(module: pl.LightningModule, tag: str, images: torch.Tensor, n
     trainer = getattr(module, "_trainer", None)
     if trainer is None or not trainer.is_global_zero:
         return None
-    grid = make_grid(images, nrow=nrow)
+    grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1),
+                     pad_value=1.0)
+    grid = (grid * 255).round().to(torch.uint8)
     path = os.path.join(trainer.default_root_dir, "images", f"{tag.replace('/', '_')}_{trainer.global_step:07d}.png")
     save_png(grid, path)
     for logger in trainer.loggers:

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from launch.components import get_component
 from launch.config import ConfigError, load_config
-from launch.hardware import check_attention
+from core.hardware import check_attention
 from launch.requeue import SlurmRequeue
 from launch.run import RunDir, prepare_run
 from launch.trainer import build_trainer

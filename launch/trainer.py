@@ -21,7 +21,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_info
 
 from launch.config import ConfigError
-from launch.hardware import attention_backends, resolve_trainer_precision
+from core.hardware import attention_backends, resolve_trainer_precision
 from launch.requeue import SlurmRequeue, in_slurm_job
 from launch.run import RunDir
 from launch.schedule import TimeBudget

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from launch.config import load_config
-from vqgan.model import PRESETS
+from core.configs import model_preset
 
 TINY_YAML = os.path.join(os.path.dirname(__file__), "..", "configs", "vqgan", "tiny.yaml")
 
@@ -56,7 +56,7 @@ def write_image_shards(out_dir: str, n_shards: int = 2, per_shard: int = 5, size
 
 
 def tiny_config_dict(**overrides) -> dict:
-    return {**PRESETS["tiny"], **overrides}
+    return {**model_preset("vqgan", "tiny"), **overrides}
 
 
 def as_dictconfig(d: dict) -> DictConfig:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bart_prior import BartPrior, PriorConfigError, PriorModel, preset
+from core.errors import ConfigError, ModelFolderError
 from bart_prior.model import resolve_text_encoder
 
 from _bart_prior_helpers import make_tokenizer, tiny_prior, one_thread  # noqa: F401 (autouse)
@@ -41,7 +42,7 @@ def test_presets_match_dalle_mini_sizes():
             m = PriorModel(preset(name))
         assert abs(m.num_parameters() - n) / n < 0.02, name
         assert m.cfg.seq_len == 256 and m.decoder.embed_tokens.num_embeddings == 16385
-    with pytest.raises(PriorConfigError, match="unknown preset"):
+    with pytest.raises(ConfigError, match="unknown bart_prior preset 'huge'; choose one of .*mega.*mini"):
         preset("huge")
 
 
@@ -59,7 +60,7 @@ def test_save_load_round_trip(tok, tmp_path):
         assert torch.equal(prior(ids, mask, dec), loaded(ids, mask, dec))
     assert torch.equal(prior.generate(["a red circle"], 2, condition_scale=2.0, seed=3),
                        loaded.generate(["a red circle"], 2, condition_scale=2.0, seed=3))
-    with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
+    with pytest.raises(ModelFolderError, match="is not a BartPrior folder \\(no model.safetensors\\)"):
         os.remove(os.path.join(out, "model.safetensors"))
         BartPrior.from_pretrained(out)
 

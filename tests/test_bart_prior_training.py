@@ -9,6 +9,7 @@ import torch
 from bart_prior import BartPrior
 from bart_prior.shards import CodeShardMismatch, check_code_shards
 from bart_prior.training import PriorRunConfig, build_prior
+from core.errors import ModelFolderError
 from launch.config import ConfigError, load_config
 from launch.train import run_training
 
@@ -62,12 +63,17 @@ def test_training_reduces_loss_and_exports(setup):
     prior = BartPrior.from_pretrained(result.export_dir)
     codes = prior.generate(["a red circle"], num_candidates=2, seed=0)
     assert codes.shape == (1, 2, 64) and int(codes.max()) < 64
-    # init_from starts a new run from the export; a missing folder is a config error
-    cfg = load_config(PriorRunConfig, CONFIG, overrides + [f"init_from={result.export_dir}"])
-    again = build_prior(cfg)
-    assert torch.equal(again.model.lm_head.weight, prior.model.lm_head.weight)
+    # init_from starts a new run from the export's weights (its tokenizer too when tokenizer.path is empty); a
+    # missing folder or another architecture is a one-line error
+    for tok in ([], ["tokenizer.path=''"]):
+        again = build_prior(load_config(PriorRunConfig, CONFIG, overrides + [f"init_from={result.export_dir}"] + tok))
+        assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(),
+                                                      prior.model.state_dict().values()))
     with pytest.raises(ConfigError, match="init_from"):
         build_prior(load_config(PriorRunConfig, CONFIG, overrides + [f"init_from={root}/nope"]))
+    with pytest.raises(ModelFolderError, match="init_from .*model.safetensors: tensor '.*' has shape"):
+        build_prior(load_config(PriorRunConfig, CONFIG, overrides + [f"init_from={result.export_dir}",
+                                                                     "model.ffn_dim=48"]))
 
 
 def test_mismatched_code_shards_fail_at_start(setup, tmp_path):

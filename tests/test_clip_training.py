@@ -12,6 +12,7 @@ from _clip_helpers import TINY_YAML, RepeatBatch, one_thread, square_batch, tiny
 from clip_rank.io import PretrainedNotFoundError
 from clip_rank.training import COMPONENT, ClipModule, param_groups, retrieval_metrics
 from launch.schedule import lr_factor
+from core.errors import ModelFolderError
 from launch.config import ConfigError, load_config
 
 
@@ -29,7 +30,7 @@ def _grads(params) -> list:
 
 
 def test_component_and_required_pretrained():
-    assert COMPONENT.name == "clip" and COMPONENT.data_mode == "images" and COMPONENT.build is ClipModule
+    assert COMPONENT.name == "clip_rank" and COMPONENT.data_mode == "images" and COMPONENT.build is ClipModule
     with pytest.raises(ConfigError, match="pretrained"):
         load_config(COMPONENT.schema, None, ["model.arch.embed_dim=8"])
 
@@ -96,8 +97,10 @@ def test_finetuning_starts_from_saved_weights(tmp_path):
     assert not torch.equal(fresh.model.clip.visual.proj, trained.model.clip.visual.proj)
     with pytest.raises(PretrainedNotFoundError, match="nothing at"):
         ClipModule(tiny_cfg(str(tmp_path), [f"model.pretrained={tmp_path}/missing.pt"]))
-    with pytest.raises(PretrainedNotFoundError, match="init_from"):
+    with pytest.raises(ModelFolderError, match="missing: no such folder; init_from takes a CLIP"):
         ClipModule(tiny_cfg(str(tmp_path), [f"init_from={tmp_path}/missing"]))
+    with pytest.raises(ModelFolderError, match="init_from .*: tensor '.*' has shape"):  # another architecture
+        ClipModule(tiny_cfg(str(tmp_path), [f"init_from={folder}", "model.arch.embed_dim=16"]))
     with pytest.raises(PretrainedNotFoundError, match="reconstruct_with"):
         ClipModule(tiny_cfg(str(tmp_path), [f"model.reconstruct_with={tmp_path}/no_vqgan"]))
 

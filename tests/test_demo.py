@@ -16,18 +16,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_tiny_demo_end_to_end_and_rerun(tmp_path, capsys):
     out = tmp_path / "demo"
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    cmd = [sys.executable, "-m", "launch.demo", "--preset", "tiny", "--out", str(out)]
+    cmd = [sys.executable, "-m", "demo", "--preset", "tiny", "--out", str(out)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     for path in ("shapes/manifest.json", "vqgan/export", "codes/train", "tokenizer/tokenizer.json",
-                 "bart_prior/export", "clip/export", "bundle/vqgan", "report.json", "report.md", "grid.png"):
+                 "bart_prior/export", "clip_rank/export", "bundle/vqgan", "report.json", "report.md", "grid.png"):
         assert (out / path).exists(), path
     report = json.load(open(out / "report.json"))
     assert report["condition_scale"] in (1.0, 2.0) and report["temperature"] in (1.0, 0.7)
     assert set(report["temperature_sweep"]) == {"1.0", "0.7"}
+    # the chosen settings go into the bundle the demo assembles last; the export it was evaluated on is untouched
     prior_config = json.load(open(out / "bundle" / "bart_prior" / "config.json"))
     assert (prior_config["condition_scale"], prior_config["temperature"]) == (report["condition_scale"],
                                                                               report["temperature"])
+    assert report["sampling"] == {"condition_scale": report["condition_scale"], "temperature": report["temperature"]}
+    assert json.load(open(out / "bundle" / "bundle.json"))["sampling"] == report["sampling"]
+    exported = json.load(open(out / "bart_prior" / "export" / "config.json"))
+    assert (exported["condition_scale"], exported["temperature"]) == (1.0, 1.0)  # PriorConfig's defaults
+    assert "python train.py bundle" in (out / "report.md").read_text()
     assert set(report["sweep"]) == {"1.0", "2.0"}
     for split in ("seen", "held_out", "all"):
         s = report["sweep"]["1.0"][split]
@@ -44,42 +50,33 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert Image.open(out / "grid.png").size[0] > 32
     assert set(report["candidates_curve"]) == {"1", "2", "4"}  # tiny preset: 4 candidates
     assert report["candidates_curve"]["4"]["all"]["clip_best_all"] == report["chosen"]["all"]["clip_best_all"]
-    # the chosen setting is ranked as generate.py ranks (17 shifted CLIP views), the sweeps with one view
-    assert report["rank_shifts"] == 2 and report["chosen_one_view"] == report["temperature_sweep"][str(report["temperature"])]
-    md = open(out / "report.md").read()
-    assert "| share of the room |" in md
-    assert "Prompt fidelity" in md and "over 17 shifted view(s)" in md and "with one view per image" in md
+    # the chosen setting is ranked with the demo's shifted CLIP views, the sweeps with one view
+    from demo.shapes import PRESETS
+
+    assert report["rank_shifts"] == PRESETS["tiny"].rank_shifts > 0
+    assert report["chosen_one_view"] == report["temperature_sweep"][str(report["temperature"])]
     # two lanes side by side, one thread each (2 cores here): encode -> tokenizer -> prior, and CLIP; a log per stage
-    assert "[encode -> tokenizer -> bart_prior | clip]" in res.stdout
+    assert "[encode -> tokenizer -> bart_prior | clip_rank]" in res.stdout
     assert "trainer.num_threads=" in res.stdout and "--threads" in res.stdout
-    for name in ("bart_prior", "clip"):
+    for name in ("bart_prior", "clip_rank"):
         assert "exported" in (out / "logs" / f"{name}.log").read_text()
     assert "code shards in" in (out / "logs" / "encode.log").read_text()
 
     # the same candidates ranked by CLIP exports given by folder: the bundle's own CLIP reproduces the report's sweep
-    from launch.evaluate import compare_rankers, main as evaluate_main
+    from demo.evaluate import compare_rankers, main as evaluate_main
 
-    clips = [str(out / "bundle" / "clip_rank"), str(out / "clip" / "export")]
+    clips = [str(out / "bundle" / "clip_rank"), str(out / "clip_rank" / "export")]
     compared = compare_rankers(str(out), clips, 3, 3, candidates=4, scale=1.0, temperature=1.0)
     for clip in clips:
         for key in ("random_all", "clip_best_all", "oracle_best_all", "ranking_gain"):
             assert compared[clip]["all"][key] == report["sweep"]["1.0"]["all"][key], (clip, key)
     chosen = compare_rankers(str(out), clips[:1], 3, 3, candidates=4, scale=report["condition_scale"],
-                             temperature=report["temperature"], rank_shifts=2)[clips[0]]
+                             temperature=report["temperature"], rank_shifts=report["rank_shifts"])[clips[0]]
     assert chosen["candidates_curve"] == report["candidates_curve"]
     for key in ("random_all", "clip_best_all", "ranking_gain"):
         assert chosen["all"][key] == report["chosen"]["all"][key], key
-    # the report's second ranking of the same candidates: CLIP and the prior's log-likelihood, as generate.py ranks
-    # with --rank-prior-weight
-    assert report["prior_weight"] == 0 and report["alternative_prior_weight"] == 0.25
-    mixed = compare_rankers(str(out), clips[:1], 3, 3, candidates=4, scale=report["condition_scale"],
-                            temperature=report["temperature"], rank_shifts=2, prior_weight=0.25)[clips[0]]
-    for key in ("random_all", "clip_best_all", "ranking_gain"):
-        assert mixed["all"][key] == report["chosen_alternative"]["all"][key], key
-        assert mixed["clip_alone"]["all"][key] == report["chosen"]["all"][key], key
-    assert "With the prior's log-likelihood at weight 0.25" in md
     assert set(compared[clips[1]]["candidates_curve"]) == {"1", "2", "4"}
-    assert evaluate_main(["--out", str(out), "--clip", clips[0], "--prompts", "1", "1", "--candidates", "2"]) == 0
+    assert evaluate_main(["--out", str(out), "--clip-rank", clips[0], "--prompts", "1", "1", "--candidates", "2"]) == 0
     assert "Candidates curve" in capsys.readouterr().out
 
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -92,7 +89,7 @@ def _prompt(best_correct: bool, correct: int, of: int = 4) -> dict:
 
 
 def test_ranking_gain_and_its_bootstrap_interval():
-    from launch.evaluate import ranking_gain
+    from demo.evaluate import ranking_gain
 
     # every prompt: the CLIP pick is right, 2 of 4 candidates are -> +50 points, no spread
     assert ranking_gain([_prompt(True, 1)] * 10) == (0.5, 0.5, 0.5)
@@ -105,7 +102,7 @@ def test_ranking_gain_and_its_bootstrap_interval():
 
 
 def test_room_share_is_the_gain_over_its_largest_possible_value():
-    from launch.evaluate import room_share
+    from demo.evaluate import room_share
 
     assert room_share(0.6, 0.8, 1.0) == pytest.approx(0.5)  # +20 points of a possible +40
     assert room_share(0.86, 0.95, 1.0) == pytest.approx(0.09 / 0.14)
@@ -114,7 +111,7 @@ def test_room_share_is_the_gain_over_its_largest_possible_value():
 
 
 def test_candidates_curve_ranks_within_the_first_k():
-    from launch.evaluate import candidates_curve
+    from demo.evaluate import candidates_curve
 
     # prompt 1: only candidate 2 is right and CLIP likes it best; prompt 2 (held out): candidate 0 is right, but CLIP
     # prefers candidate 3 once it is drawn
@@ -127,7 +124,7 @@ def test_candidates_curve_ranks_within_the_first_k():
 
 
 def test_time_scale_multiplies_the_training_caps():
-    from launch.demo import PRESETS, max_time, stages
+    from demo.shapes import PRESETS, max_time, stages
 
     assert max_time(10) == "00:00:10:00" and max_time(22.5) == "00:00:22:30" and max_time(60 * 25 + 0.5) == "01:01:00:30"
 
@@ -138,9 +135,9 @@ def test_time_scale_multiplies_the_training_caps():
                 found.update({name: a.split("=", 1)[1] for a in cmd if a.startswith("trainer.max_time=")})
         return found
 
-    assert caps(1.0) == {"vqgan": "00:00:08:00", "bart_prior": "00:00:12:00", "clip": "00:00:13:30"}
-    assert caps(2.5) == {"vqgan": "00:00:20:00", "bart_prior": "00:00:30:00", "clip": "00:00:33:45"}
-    assert caps(1.0).keys() == caps(2.5).keys()
+    minutes = PRESETS["full"].minutes
+    assert caps(1.0) == {stage: max_time(m) for stage, m in minutes.items()}
+    assert caps(2.5) == {stage: max_time(2.5 * m) for stage, m in minutes.items()}
     tiny = [" ".join(c) for _, _, commands in stages("/tmp/x", PRESETS["tiny"]) for c in commands]
     assert tiny and not any("max_time" in c for c in tiny)  # the tiny preset stops by steps only
 
@@ -148,7 +145,7 @@ def test_time_scale_multiplies_the_training_caps():
 def test_lanes_split_the_cores_run_in_order_and_report_a_failure(tmp_path, capsys):
     import pytest
 
-    from launch.demo import _run_lanes
+    from demo.shapes import _run_lanes
 
     show = "import os, sys, time; print(os.environ['OMP_NUM_THREADS'], sys.argv[-1], time.time())"
     lanes = [[("first", [[sys.executable, "-c", show, "a"]]), ("second", [[sys.executable, "-c", show, "b"]])],
@@ -166,7 +163,7 @@ def test_lanes_split_the_cores_run_in_order_and_report_a_failure(tmp_path, capsy
 
 
 def test_with_threads_shows_the_thread_count_where_a_command_takes_one():
-    from launch.demo import _with_threads
+    from demo.shapes import _with_threads
 
     assert _with_threads(["py", "train.py", "clip"], 1)[-1] == "trainer.num_threads=1"
     assert _with_threads(["py", "-m", "vqgan.encode", "--model", "m"], 2)[-2:] == ["--threads", "2"]
@@ -174,7 +171,7 @@ def test_with_threads_shows_the_thread_count_where_a_command_takes_one():
 
 
 def test_a_late_training_stage_is_shortened_to_end_by_the_deadline():
-    from launch.demo import MIN_CAP_S, STAGE_OVERHEAD_S, fit_to_deadline
+    from demo.shapes import MIN_CAP_S, STAGE_OVERHEAD_S, fit_to_deadline
 
     cmd = ["py", "train.py", "clip", "--config", "c.yaml", "trainer.max_time=00:00:13:30", "trainer.num_threads=1"]
     now = 1000.0
@@ -196,7 +193,7 @@ def test_a_late_training_stage_is_shortened_to_end_by_the_deadline():
 def test_budget_must_leave_room_for_the_report():
     import pytest
 
-    from launch.demo import PRESETS, main
+    from demo.shapes import PRESETS, main
 
     with pytest.raises(SystemExit):
         main(["--budget", str(PRESETS["full"].reserve_minutes), "--out", "/nonexistent/x"])

@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from _bart_prior_helpers import make_tokenizer
-from launch.bundle import BundleError, assemble_bundle
-from launch.pipeline import Pipeline
+from pipeline.bundle import BundleError, assemble_bundle
+from pipeline.generation import Pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,8 +66,7 @@ def test_mismatched_part_is_refused(tmp_path, bundle):
 def test_cli_writes_grid_images_and_ranked_results(bundle, tmp_path):
     out = tmp_path / "out"
     res = subprocess.run([sys.executable, "generate.py", "--bundle", bundle, "a red circle", "ein grünes Quadrat ✓",
-                          "--candidates", "5", "--keep", "3", "--seed", "7", "--batch-size", "2", "--rank-prior-weight",
-                          "0.5", "--out", str(out)],
+                          "--candidates", "5", "--keep", "3", "--seed", "7", "--batch-size", "2", "--out", str(out)],
                          cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     grid = Image.open(out / "grid.png")
@@ -77,9 +76,8 @@ def test_cli_writes_grid_images_and_ranked_results(bundle, tmp_path):
     for prompt in ("a red circle", "ein grünes Quadrat ✓"):
         rows = sorted((r for r in results if r["prompt"] == prompt), key=lambda r: r["rank"])
         assert [r["rank"] for r in rows] == [0, 1, 2]
-        scores = [r["rank_score"] for r in rows]
-        assert scores == sorted(scores, reverse=True)
-        assert all(isinstance(r["clip_score"], float) and r["prior_log_likelihood"] < 0 for r in rows)
+        scores = [r["clip_score"] for r in rows]
+        assert all(isinstance(x, float) for x in scores) and scores == sorted(scores, reverse=True)
         assert len({r["candidate"] for r in rows}) == 3 and all(0 <= r["candidate"] < 5 for r in rows)
         for r in rows:
             assert Image.open(out / r["file"]).size == (32, 32)
@@ -114,42 +112,55 @@ def test_no_rank_keeps_the_first_candidates(bundle):
 
 
 def test_ranking_averages_clip_over_shifted_views(bundle, tmp_path):
-    from launch.pipeline import RANK_SHIFTS
-
     pipe = Pipeline.from_pretrained(bundle, device="cpu")
     images = pipe.decode(pipe.prior.generate(["a red circle"], 4, seed=1)[0])
-    assert RANK_SHIFTS == 2
-    for shifts in (RANK_SHIFTS, 0):
+    for shifts in (2, 0):
         kept = pipe("a red circle", num_candidates=4, keep=4, seed=1, rank_shifts=shifts, progress=False)[0]
         expected = pipe.ranker.score("a red circle", images, shifts=shifts)
         assert [r.score for r in kept] == pytest.approx(expected[[r.candidate for r in kept]].tolist(), abs=1e-5)
-    res = subprocess.run([sys.executable, "generate.py", "--bundle", bundle, "x", "--rank-shifts", "-1", "--out",
-                          str(tmp_path / "o")], cwd=REPO, capture_output=True, text=True)
-    assert res.returncode == 2 and res.stderr.strip() == "error: --rank-shifts and --rank-prior-weight must be 0 or more"
+    default = pipe("a red circle", num_candidates=4, keep=4, seed=1, progress=False)[0]
+    assert [r.score for r in default] == pytest.approx([r.score for r in kept], abs=1e-6)  # one view unless asked
 
 
-def test_ranking_weighs_clip_with_the_priors_likelihood(bundle):
-    from launch.pipeline import PRIOR_WEIGHT, RANK_SHIFTS, rank_scores
+@pytest.mark.parametrize("args, message", [
+    (["--rank-shifts", "-1"], "error: --rank-shifts must be at least 0, got -1"),
+    (["--batch-size", "0"], "error: --batch-size must be at least 1, got 0"),
+    (["--candidates", "2", "--keep", "5"], "error: --keep 5 is more than --candidates 2"),
+])
+def test_cli_refuses_bad_numbers_in_one_line(bundle, tmp_path, args, message):
+    res = subprocess.run([sys.executable, "generate.py", "--bundle", bundle, "x", *args, "--out", str(tmp_path / "o")],
+                         cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.strip() == message
+    assert not (tmp_path / "o").exists()
 
-    assert PRIOR_WEIGHT == 0  # CLIP alone unless asked
 
-    pipe = Pipeline.from_pretrained(bundle, device="cpu")
-    codes = pipe.prior.generate(["a red circle"], 6, seed=2)
-    clip = pipe.ranker.score("a red circle", pipe.decode(codes[0]), shifts=RANK_SHIFTS)
-    loglik = pipe.prior.log_likelihood(["a red circle"], codes)[0]
+def test_python_api_refuses_keep_above_candidates(bundle):
+    pipe = Pipeline.from_pretrained(bundle, device="cpu", load_clip=False)
+    with pytest.raises(ValueError, match="keep"):
+        pipe("x", num_candidates=2, keep=3, rank=False, progress=False)
 
-    def order(weight):
-        kept = pipe("a red circle", num_candidates=6, keep=6, seed=2, prior_weight=weight, progress=False)[0]
-        return kept, [r.candidate for r in kept]
 
-    kept, alone = order(PRIOR_WEIGHT)
-    assert alone == clip.argsort(descending=True).tolist() and all(r.log_likelihood is None for r in kept)
-    kept, mixed = order(0.25)
-    z = lambda x: (x - x.mean()) / x.std(unbiased=False)  # noqa: E731
-    expected = z(clip) + 0.25 * z(loglik)
-    assert mixed == expected.argsort(descending=True).tolist()
-    assert [r.rank_score for r in kept] == pytest.approx(expected[mixed].tolist(), abs=2e-3)  # z-scores of rounding
-    assert [r.log_likelihood for r in kept] == pytest.approx(loglik[mixed].tolist(), rel=1e-4)
-    assert order(1000.0)[1] == loglik.argsort(descending=True).tolist()  # the prior's term can dominate
-    one = torch.tensor([0.3])
-    assert torch.equal(rank_scores(one, torch.tensor([-5.0]), 0.25), one)  # a lone candidate keeps its CLIP score
+def test_bundle_stores_sampling_defaults_and_replaces_the_old_bundle_whole(tmp_path):
+    from bart_prior import BartPrior
+
+    parts = make_parts(str(tmp_path / "parts"))
+    out = str(tmp_path / "bundle")
+    assemble_bundle(parts["vqgan"], parts["prior"], parts["clip"], out)
+    assert BartPrior.from_pretrained(os.path.join(out, "bart_prior")).config.condition_scale == 1.0
+    res = subprocess.run([sys.executable, "train.py", "bundle", "--vqgan", parts["vqgan"], "--bart-prior",
+                          parts["prior"], "--clip-rank", parts["clip"], "--condition-scale", "1.5", "--temperature",
+                          "0.6", "--out", out], cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    config = BartPrior.from_pretrained(os.path.join(out, "bart_prior")).config
+    assert (config.condition_scale, config.temperature) == (1.5, 0.6)
+    assert json.load(open(os.path.join(out, "bundle.json")))["sampling"] == {"condition_scale": 1.5,
+                                                                              "temperature": 0.6}
+    # the source export is not rewritten; a failed assembly leaves the previous bundle as it was
+    assert BartPrior.from_pretrained(parts["prior"]).config.condition_scale == 1.0
+    with pytest.raises(BundleError, match="unknown sampling default 'top_q'"):
+        assemble_bundle(parts["vqgan"], parts["prior"], parts["clip"], out, sampling={"top_q": 1})
+    os.remove(os.path.join(parts["clip"], "open_clip_model.safetensors"))
+    with pytest.raises(BundleError, match="open_clip_model.safetensors"):
+        assemble_bundle(parts["vqgan"], parts["prior"], parts["clip"], out)
+    assert BartPrior.from_pretrained(os.path.join(out, "bart_prior")).config.condition_scale == 1.5
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == []  # no temporary folder left

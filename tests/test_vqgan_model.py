@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from tests._vqgan_helpers import one_thread  # noqa: F401  (autouse fixture)
+from core.errors import ModelFolderError
 from vqgan import VQGAN, CheckpointError, VectorQuantizer, preset
 from vqgan.convert_taming import main as convert_main
 
@@ -101,7 +102,7 @@ def test_convert_taming_mismatch_names_the_key(tmp_path, capsys):
     torch.save(state, tmp_path / "missing.pth")
     assert convert_main(["--checkpoint", str(tmp_path / "missing.pth"), "--config", str(yaml_path),
                          "--out", str(tmp_path / "o")]) == 2
-    assert "missing key 'decoder.conv_out.weight'" in capsys.readouterr().err
+    assert "missing tensor 'decoder.conv_out.weight'" in capsys.readouterr().err
 
 
 def test_straight_through_gradient_reaches_encoder():
@@ -206,7 +207,8 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         model.encode(torch.zeros(1, 3, 30, 30))
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 64\)"):
         model.decode(torch.full((1, 8, 8), 64))
-    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+    with pytest.raises(ModelFolderError, match="nothing: no such folder; pass a folder written by "
+                                               "VQGAN.save_pretrained"):
         VQGAN.from_pretrained(str(tmp_path / "nothing"))
     model.save_pretrained(str(tmp_path / "m"))
     other = VQGAN(preset("tiny", num_codes=32))

@@ -160,8 +160,8 @@ def test_encoder_with_two_processes_deals_shards_round_robin(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_init_from_loads_weights_and_missing_folder_is_a_config_error(tmp_path):
-    from launch.config import ConfigError
+def test_init_from_loads_weights_and_refuses_missing_or_misfit_folders(tmp_path):
+    from core.errors import ModelFolderError
 
     torch.manual_seed(0)
     src = VQGANModule(tiny_run_config(tmp_path)).vqgan
@@ -169,5 +169,7 @@ def test_init_from_loads_weights_and_missing_folder_is_a_config_error(tmp_path):
     torch.manual_seed(1)
     module = VQGANModule(tiny_run_config(tmp_path, f"init_from={tmp_path}/start"))
     assert torch.equal(module.vqgan.decoder.conv_out.weight.contiguous(), src.decoder.conv_out.weight.contiguous())
-    with pytest.raises(ConfigError, match="init_from"):
+    with pytest.raises(ModelFolderError, match="absent: no such folder; init_from takes a VQGAN"):
         VQGANModule(tiny_run_config(tmp_path, f"init_from={tmp_path}/absent"))
+    with pytest.raises(ModelFolderError, match="init_from .*model.safetensors: tensor 'quantize.embedding.weight'"):
+        VQGANModule(tiny_run_config(tmp_path, f"init_from={tmp_path}/start", "model.num_codes=32"))

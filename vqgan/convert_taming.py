@@ -15,7 +15,8 @@ from typing import Any, Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from vqgan.model import VQGAN, CheckpointError, VQGANConfig, load_state_strict
+from core.files import load_state
+from vqgan.model import VQGAN, CheckpointError, VQGANConfig
 
 
 def config_from_taming(yaml_path: str) -> VQGANConfig:
@@ -67,7 +68,7 @@ def convert(checkpoint: str, config: str, out_dir: str, trust_pickle: bool = Fal
     cfg = config_from_taming(config)
     state = {k: v for k, v in read_state_dict(checkpoint, trust_pickle).items() if not k.startswith("loss.")}
     model = VQGAN(cfg)
-    load_state_strict(model, state, source=checkpoint)
+    load_state(model, state, source=checkpoint)
     model.save_pretrained(out_dir)
     return model
 

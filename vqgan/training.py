@@ -17,16 +17,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from core.files import init_from
 from launch.components import Component
 from launch.schedule import budget_spent, lr_factor
 from launch.config import ConfigError, RunConfig
 from launch.images import log_image_grid
 from vqgan.loss import LossConfig, VQLoss
-from vqgan.model import VQGAN, VQGANConfig, load_state_strict
+from vqgan.model import VQGAN, WEIGHTS_NAME, VQGANConfig
 
 
 @dataclass
-class OptimConfig:
+class VQGANOptimConfig:
     lr: float = 2e-4  # autoencoder + codebook (Adam)
     disc_lr: Optional[float] = None  # defaults to lr
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
@@ -51,7 +52,7 @@ class EvalConfig:
 class VQGANRunConfig(RunConfig):
     model: VQGANConfig = field(default_factory=VQGANConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: VQGANOptimConfig = field(default_factory=VQGANOptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -86,11 +87,7 @@ class VQGANModule(pl.LightningModule):
         self._oracle: Counter = Counter()
 
     def _init_from(self, folder: str) -> None:
-        try:
-            src = VQGAN.from_pretrained(folder)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"init_from: {exc}") from None
-        load_state_strict(self.vqgan, src.state_dict(), source=f"init_from {folder}")
+        init_from(self.vqgan, folder, WEIGHTS_NAME, "VQGAN")
 
     # ---- optimisation -------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

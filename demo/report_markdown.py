@@ -1,4 +1,4 @@
-"""The demo report as Markdown: launch.evaluate.write_report measures, this renders what it measured."""
+"""The demo report as Markdown: demo.evaluate.write_report measures, this renders what it measured."""
 from __future__ import annotations
 
 import math
@@ -26,14 +26,13 @@ def render(report: dict) -> str:
 
     lines = ["# Demo report: text-to-image on the shapes set", "",
              f"Chosen: condition scale **{report['condition_scale']}**, temperature **{report['temperature']}** (best "
-             "CLIP-ranked all-correct over all prompts in the sweeps; stored as the bundle prior's defaults), "
-             f"{report['candidates']} candidates per prompt.", "",
+             f"CLIP-ranked all-correct over all prompts in the sweeps), {report['candidates']} candidates per prompt. "
+             "The demo's last step stores them as the sampling defaults of the bundle it assembles: `python train.py "
+             "bundle ... " + " ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in report.get("sampling", {}).items())
+             + " --out OUT/bundle`.", "",
              "## Prompt fidelity (shapes oracle), chosen settings", "",
-             f"Ranked as generate.py ranks: CLIP averaged over {len(shift_offsets(report['rank_shifts']))} shifted "
-             f"view(s) of each image (--rank-shifts {report['rank_shifts']})"
-             + (f", plus {report.get('prior_weight')} x the prior's log-likelihood of the candidate, both z-scored over "
-                f"the prompt's candidates (--rank-prior-weight {report.get('prior_weight')})"
-                if report.get("prior_weight") else "") + ".", "",
+             f"Ranked by CLIP averaged over {len(shift_offsets(report['rank_shifts']))} shifted view(s) of each "
+             f"image (generate.py --rank-shifts {report['rank_shifts']}).", "",
              "| split | prompts | random all-correct | ranked-best all-correct | ranking gain (95% CI) | "
              "share of the room | oracle-best (ceiling) |", "|---|---|---|---|---|---|---|"]
     chosen = report["chosen"]
@@ -43,12 +42,6 @@ def render(report: dict) -> str:
     lines += ["", "Ranking gain: ranked-best minus random all-correct, in points; the interval is a bootstrap over "
               "prompts. Share of the room: the gain over its largest possible value, oracle-best minus random (n/a "
               "when every candidate is right or none is)."]
-    other, weight = report.get("chosen_alternative", {}).get("all"), report.get("alternative_prior_weight")
-    if other:
-        how = (f"With the prior's log-likelihood at weight {weight} (--rank-prior-weight {weight})" if weight else
-               "CLIP alone (--rank-prior-weight 0)")
-        lines += ["", f"{how}, the same candidates: ranked-best all-correct {fmt(other['clip_best_all'])}, ranking "
-                  f"gain {fmt_gain(other)}."]
     one = report.get("chosen_one_view", {}).get("all")
     if one and report["rank_shifts"]:
         lines += ["", f"CLIP alone with one view per image (how the sweeps below rank): CLIP-best all-correct "

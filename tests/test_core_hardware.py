@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend
 
 from bart_prior.sampling import resolve_precision
 from launch.config import ConfigError, RunConfig, load_config
-from launch.hardware import attention_backends, bf16_is_fast, resolve_trainer_precision
+from core.hardware import attention_backends, bf16_is_fast, resolve_trainer_precision
 from launch.run import RunDir
 from launch.trainer import build_trainer
 
