@@ -48,11 +48,11 @@ class PriorConfig:
     # text side; the architecture of the encoder is then taken from that checkpoint.
     text_encoder_from: Optional[str] = None
     init_std: float = 0.02
-    # generate()'s default guidance scale. 1 = plain conditional sampling: with small models super-conditioning
-    # lowered the share of correct images in a prototype (scale 3: 42% -> 10% all-correct), so the default is
-    # measured, not copied from dalle-mini: `make demo` writes the best scale of its sweep into the bundle.
+    # generate()'s default guidance scale. 1 = plain conditional sampling: strong super-conditioning makes a small
+    # model's images worse, so the right scale depends on the model and is measured, not copied from dalle-mini
+    # (`train.py bundle --condition-scale` stores a measured one; the demo stores the best of its sweep).
     condition_scale: float = 1.0
-    temperature: float = 1.0  # generate()'s default sampling temperature, likewise measured by the demo
+    temperature: float = 1.0  # generate()'s default sampling temperature, stored the same way
     # Only used by sample logging during training: a VQGAN save_pretrained folder to decode codes to images.
     vqgan_for_samples: Optional[str] = None
 

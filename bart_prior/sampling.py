@@ -31,9 +31,9 @@ class SamplingOptions:
     precision: str = "fp32"
 
 
-# bf16 matrix products pay on a CPU only once a decoder batch carries enough work; measured as rows x d_model
-# (bench and README, prior sampling): d_model 128 on an AVX512-bf16 EPYC, bf16 vs fp32 speed 0.82-0.86x at 16-32 rows,
-# 0.90-1.03x at 64, 1.05-1.07x at 256 (session 10); d_model 192, 0.66x at 2 rows and 1.1x at 32 (session 2).
+# bf16 matrix products pay on a CPU only once a decoder batch carries enough work, measured as rows x d_model
+# (python -m bench.prior_sampling): on an AVX512-bf16 CPU at d_model 128, bf16 is slower than fp32 up to 64 rows and
+# about 5% faster from 256; at d_model 192 it is slower at 2 rows and faster at 32.
 CPU_BF16_MIN_WORK = 16384
 
 
@@ -100,7 +100,7 @@ class _CachedDecoder:
         # head-major (rows, heads, length, hd): each (row, head) reads its prefix as one contiguous run. On a 2-core
         # AVX2 EPYC this sampled 13% (16 candidates, 1 thread) and 15% (64 candidates, 2 threads) faster than a
         # position-major (length, rows, heads, hd) cache, whose prefix is 192-byte pieces 24 KiB apart; on an
-        # AVX512 EPYC position-major had measured 9% faster (README, prior sampling)
+        # AVX512 EPYC position-major had measured 9% faster
         self.k_cache = [ref.new_empty(n - self.pairs if i == 0 else n, self.heads, length, self.hd)
                         for i in range(len(self.layers))]
         self.v_cache = [torch.empty_like(k) for k in self.k_cache]

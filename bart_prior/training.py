@@ -46,8 +46,8 @@ class PriorOptimConfig:
     #   (or at the end of trainer.max_time when that ends the run first: launch/schedule.py)
     min_lr_ratio: float = 0.1
     # the text encoder's LR = lr * encoder_lr_scale. The encoder learns from a weak signal (the caption settles the
-    # first codes and the shape; the previous codes predict the rest), and at lr 3e-3 one demo run's encoder
-    # collapsed to the same output for every caption (README, BART prior, "A prior that ignores its captions").
+    # first codes and the shape; the previous codes predict the rest), and at a high LR it can collapse to the same
+    # output for every caption (docs/bart_prior.md, "A prior that ignores its captions").
     encoder_lr_scale: float = 1.0
 
 

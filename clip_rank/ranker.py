@@ -31,8 +31,7 @@ class ClipRanker:
     ``shifts`` (test-time views): :meth:`score` averages the cosine over the image and its translations by up to
     ``shifts`` pixels at the model's input size (:func:`shift_offsets`; edges replicated), at 1 + 8 x shifts the
     image-tower cost. Why: a small detail (a corner of a 16-px square) falls differently on the patch grid at each
-    offset, and the averaged score is steadier; on five demo bundles (384 prompts x 16 candidates each) 17 views
-    lifted the ranking gain over a random candidate by +1.6 to +6.3 points (README, demo, session 11).
+    offset, and the averaged score is steadier (the shapes demo ranks with 17 views; docs/shapes.md).
     """
 
     def __init__(self, model: ClipModel, device: Union[str, torch.device] = "cpu", batch_size: int = 64,

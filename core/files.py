@@ -17,12 +17,13 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import IO, Any, Iterator, Mapping, Sequence
-
-import torch
-from torch import nn
+from typing import IO, TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from core.errors import ModelFolderError
+
+if TYPE_CHECKING:  # torch is imported by the functions that need it: writers and readers of plain files do not
+    import torch
+    from torch import nn
 
 
 def _fsync_path(path: str) -> None:

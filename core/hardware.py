@@ -6,7 +6,7 @@ bf16 matrix products are fast on CUDA GPUs that support bf16 and on CPUs with AV
 fp32 on a 2-core AVX2 EPYC, and the shapes prior's bf16-mixed training step was 10x slower than fp32 there.
 
 The same file decides which scaled-dot-product attention kernel training uses (``trainer.attention``): on a CPU in
-bf16, torch's default flash kernel has a slow backward pass (README, Training, "Attention kernel").
+bf16, torch's default flash kernel has a slow backward pass (docs/training.md, "Attention kernel").
 """
 from __future__ import annotations
 
