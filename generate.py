@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             records.append({"prompt": prompt, "prompt_index": i, "rank": r.rank, "candidate": r.candidate,
                             "seed": args.seed, "clip_score": r.score, "file": name})
     save_png(make_grid(torch.stack(rows), nrow=len(results[0])), os.path.join(args.out, "grid.png"))
-    write_json(os.path.join(args.out, "results.json"),
-               {"settings": {k: v for k, v in vars(args).items() if k != "prompts"}, "results": records})
+    settings = {k: v for k, v in vars(args).items() if k != "prompts"}
+    for key in ("condition_scale", "temperature"):  # what was used: the bundle's stored default unless given
+        settings[key] = getattr(pipe.prior.config, key) if settings[key] is None else settings[key]
+    write_json(os.path.join(args.out, "results.json"), {"settings": settings, "results": records})
     print(os.path.join(args.out, "grid.png"))
     return 0
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from typing import Iterable, Iterator
 
 from core.errors import ConfigError
+from core.files import atomic_folder
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 
@@ -69,13 +69,8 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int, out_dir: str, lowe
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>",
                                    model_max_length=max_length)
-    out_dir = os.path.abspath(out_dir)
-    tmp = f"{out_dir}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    fast.save_pretrained(tmp)
-    if os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_folder(out_dir) as tmp:
+        fast.save_pretrained(tmp)
     return load_tokenizer(out_dir)
 
 

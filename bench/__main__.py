@@ -19,7 +19,7 @@ def main() -> int:
             continue
         print(f"\n=== bench/{name}.py", flush=True)
         t0 = time.time()
-        rc = subprocess.run([sys.executable, path], cwd=os.path.dirname(HERE)).returncode
+        rc = subprocess.run([sys.executable, "-m", f"bench.{name}"], cwd=os.path.dirname(HERE)).returncode
         print(f"=== bench/{name}.py: exit {rc}, {time.time() - t0:.0f} s", flush=True)
         if rc:
             failed.append(name)

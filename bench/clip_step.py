@@ -45,7 +45,7 @@ def _sync(device: str) -> None:
 
 
 def _attention(choice: str, precision: str, device: str):
-    """The kernels training would use under ``trainer.attention: choice`` (launch/hardware.py)."""
+    """The kernels training would use under ``trainer.attention: choice`` (core/hardware.py)."""
     backends = attention_backends(choice, "gpu" if device.startswith("cuda") else "cpu",
                                   "bf16-mixed" if precision == "bf16" else "32-true")
     return sdpa_kernel(backends) if backends else contextlib.nullcontext()

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import open_clip
-import torch
 from open_clip.push_to_hf_hub import save_config_for_hf
 from safetensors.torch import save_file
 

@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import MISSING, DictConfig, OmegaConf

@@ -44,14 +44,15 @@ def _fsync_tree(root: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+def atomic_file(path: str, mode: str = "w", encoding: str | None = "utf-8", newline: str | None = None) -> Iterator[IO]:
     """Open a temporary file beside ``path`` for writing; when the block ends without error it is flushed and
     renamed over ``path`` (one step), otherwise removed and ``path`` is untouched."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
     try:
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as fh:
+        text = "b" not in mode
+        with os.fdopen(fd, mode, encoding=encoding if text else None, newline=newline if text else None) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())

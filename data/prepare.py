@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import tarfile
 from collections import Counter
 from typing import Any, Callable, Iterable, Optional
 
@@ -22,19 +21,18 @@ from PIL import Image
 
 from data import emoji as emoji_set
 from data.decode import CODES_EXT, IMAGE_EXTS, SKIP_KINDS, SkipCounter, decode_codes, load_image
+from core.files import atomic_file
 from data.errors import DataError
 from data.shapes import HELDOUT_SEED, all_combinations, heldout_combinations, make_sample, spec_dict
-from data.shards import ShardWriter, expand_pattern, read_stages, shard_name
+from data.shards import ShardWriter, expand_pattern, read_stages, shard_name, write_empty_shard
 
 Progress = Optional[Callable[[str], None]]
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
+    with atomic_file(path) as fh:
         json.dump(obj, fh, indent=1, sort_keys=True)
         fh.write("\n")
-    os.replace(tmp, path)
 
 
 def _write_shards(out_dir: str, n_items: int, shard_size: int, make: Callable[[int], Optional[dict]],
@@ -52,8 +50,7 @@ def _write_shards(out_dir: str, n_items: int, shard_size: int, make: Callable[[i
                 if sample is not None:
                     writer.write(sample)
         if not writer.written:  # every item of the shard was unusable: an empty shard marks it done
-            tarfile.open(writer.path(i) + ".tmp", "w", format=tarfile.USTAR_FORMAT).close()
-            os.replace(writer.path(i) + ".tmp", writer.path(i))
+            write_empty_shard(writer.path(i))
         written += 1
         if progress:
             progress(f"{out_dir}/{names[-1]}")

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional
 
 import braceexpand
 
+from core.files import atomic_file
 from data.errors import DataError
 
 SHARD_DIGITS = 6
@@ -80,7 +81,8 @@ def shard_name(index: int, prefix: str = "") -> str:
 
 
 def complete_shards(out_dir: str, prefix: str = "") -> list[int]:
-    """Indices of the finished shards in ``out_dir`` (a ``.tar.tmp`` left by an interrupted writer does not count)."""
+    """Indices of the finished shards in ``out_dir`` (the hidden temporary file of an interrupted writer does not
+    count)."""
     found = []
     rx = re.compile(re.escape(prefix) + r"(\d+)\.tar$")
     for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
@@ -88,6 +90,12 @@ def complete_shards(out_dir: str, prefix: str = "") -> list[int]:
         if m:
             found.append(int(m.group(1)))
     return sorted(found)
+
+
+def write_empty_shard(path: str) -> None:
+    """An empty tar at ``path`` (written atomically): marks a shard whose inputs were all unusable as done."""
+    with atomic_file(path, "wb") as fh:
+        tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT).close()
 
 
 class ShardWriter:
@@ -106,6 +114,7 @@ class ShardWriter:
         self.index = start_index
         self.written: list[str] = []  # finished shard paths
         self._tar: Optional[tarfile.TarFile] = None
+        self._file: Any = None  # the atomic_file context of the shard being written
         self._count = 0
         os.makedirs(out_dir, exist_ok=True)
 
@@ -117,7 +126,8 @@ class ShardWriter:
         if not key or "." in str(key) or "/" in str(key):
             raise DataError(f"sample key must be a non-empty name without '.' or '/', got {key!r}")
         if self._tar is None:
-            self._tar = tarfile.open(self.path(self.index) + ".tmp", "w", format=tarfile.USTAR_FORMAT)
+            self._file = atomic_file(self.path(self.index), "wb")
+            self._tar = tarfile.open(fileobj=self._file.__enter__(), mode="w", format=tarfile.USTAR_FORMAT)
         for ext, value in sample.items():
             if ext.startswith("__"):
                 continue
@@ -130,10 +140,9 @@ class ShardWriter:
         if self._tar is None:
             return
         self._tar.close()
-        path = self.path(self.index)
-        os.replace(path + ".tmp", path)
-        self.written.append(path)
-        self._tar, self._count = None, 0
+        self._file.__exit__(None, None, None)
+        self.written.append(self.path(self.index))
+        self._tar, self._file, self._count = None, None, 0
         self.index += 1
 
     def close(self) -> None:
@@ -147,8 +156,8 @@ class ShardWriter:
             self.close()
         elif self._tar is not None:  # an error: leave no shard under its real name
             self._tar.close()
-            os.remove(self.path(self.index) + ".tmp")
-            self._tar = None
+            self._file.__exit__(exc_type, exc, tb)
+            self._tar, self._file = None, None
 
 
 def count_samples(urls: list[str]) -> int:

@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     sampling = write_report(out, num_seen=preset.eval_prompts[0], num_heldout=preset.eval_prompts[1],
                             candidates=preset.candidates, scales=preset.scales, temperatures=preset.temperatures,
                             rank_shifts=preset.rank_shifts, timings=timings, caps_minutes=caps)["sampling"]
-    if _bundle_holds(out, sampling) and "bundle" not in args.force:
+    # a stage that ran in this invocation may have changed a part: the bundle is then assembled again
+    if _bundle_holds(out, sampling) and not timings and "bundle" not in args.force:
         print("[bundle] done already, skipped (--force bundle reruns it)")
     else:
         print("\n[bundle] the parts with the report's chosen sampling settings", flush=True)

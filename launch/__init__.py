@@ -20,5 +20,6 @@ def __getattr__(name: str) -> Any:
 
         if _MOVED[name] == "pipeline":
             warnings.warn(f"launch.{name} moved: use 'from pipeline import {name}'", DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module(_MOVED[name]), name)
+        value = globals()[name] = getattr(importlib.import_module(_MOVED[name]), name)  # warn once
+        return value
     raise AttributeError(f"module 'launch' has no attribute '{name}'")

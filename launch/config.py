@@ -48,7 +48,7 @@ class TrainerConfig:
     deterministic: bool = False
     num_sanity_val_steps: int = 0
     num_threads: Optional[int] = None  # torch CPU threads per process (None: torch's default, one per core)
-    # fsdp only: activation checkpointing of the blocks the component shards, and where to keep fp32 master params.
+    # fsdp only: activation checkpointing of the blocks the component shards
     activation_checkpointing: bool = False
 
 

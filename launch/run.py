@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig
 
+from core.files import atomic_file
 from launch.config import ConfigError, to_yaml
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,8 @@ class RunDir:
 
     def write_config(self, cfg: DictConfig) -> None:
         os.makedirs(self.root, exist_ok=True)
-        tmp = self.config_file + ".tmp"
-        with open(tmp, "w") as fh:
+        with atomic_file(self.config_file) as fh:
             fh.write(to_yaml(cfg))
-        os.replace(tmp, self.config_file)
 
 
 def _loadable(path: str) -> bool:

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from omegaconf import DictConfig
 
+from core.files import atomic_file
 from launch.config import ConfigError
 from launch.run import RunDir
 
@@ -90,9 +91,8 @@ def submit(script: str, run: RunDir) -> str:
         raise ConfigError("sbatch not found: run on a SLURM login node, or use --dry-run to print the script")
     os.makedirs(run.root, exist_ok=True)
     path = os.path.join(run.root, "job.sbatch")
-    with open(path + ".tmp", "w") as fh:
+    with atomic_file(path) as fh:
         fh.write(script)
-    os.replace(path + ".tmp", path)
     out = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True)
     if out.returncode != 0:
         raise ConfigError(f"sbatch failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")

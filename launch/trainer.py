@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
-import os
 import warnings
 from typing import Any, Optional
 
@@ -20,6 +19,7 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_info
 
+from core.files import atomic_file
 from launch.config import ConfigError
 from core.hardware import attention_backends, resolve_trainer_precision
 from launch.requeue import SlurmRequeue, in_slurm_job
@@ -28,17 +28,12 @@ from launch.schedule import TimeBudget
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to ``path.tmp`` and rename, so a killed job never leaves a half-written checkpoint under the real name."""
+    """Checkpoints through core.files.atomic_file, so a killed job never leaves a half-written checkpoint under the
+    real name."""
 
     def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
-        path = str(path)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp"
-        with open(tmp, "wb") as fh:
+        with atomic_file(str(path), "wb") as fh:
             torch.save(checkpoint, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
 
 
 class _KeepingWriter(ExperimentWriter):
@@ -57,12 +52,10 @@ class _KeepingWriter(ExperimentWriter):
             return
         with self._fs.open(self.metrics_file_path, "r", newline="") as fh:
             rows = [r for r in csv.DictReader(fh) if not r.get("step") or int(r["step"]) < step]
-        tmp = self.metrics_file_path + ".tmp"
-        with self._fs.open(tmp, "w", newline="") as fh:
+        with atomic_file(self.metrics_file_path, newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=self.metrics_keys)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.metrics_file_path)
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -197,7 +190,7 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None,
     plugins: list = [AtomicCheckpointIO()] if strategy == "auto" else []
     precision = resolve_trainer_precision(tc.precision, _accelerator(tc))
     if precision != tc.precision:
-        rank_zero_info(f"trainer.precision: {tc.precision} -> {precision} (launch/hardware.py)")
+        rank_zero_info(f"trainer.precision: {tc.precision} -> {precision} (core/hardware.py)")
     try:
         backends = attention_backends(tc.attention, _accelerator(tc), precision)
     except ValueError as e:

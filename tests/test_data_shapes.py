@@ -49,7 +49,7 @@ def test_prepare_shapes_layout_and_determinism(shapes_dir, tmp_path):
     victim = os.path.join(again, "train", "000002.tar")
     before = open(victim, "rb").read()
     os.remove(victim)
-    open(os.path.join(again, "train", "000003.tar.tmp"), "wb").write(b"half")
+    open(os.path.join(again, "train", ".000003.tar.x1y2.tmp"), "wb").write(b"half")
     stamp = os.stat(os.path.join(again, "train", "000000.tar")).st_mtime_ns
     main(["prepare", "shapes", "--out", again, "--num-samples", "240", "--shard-size", "50"])
     assert open(victim, "rb").read() == before

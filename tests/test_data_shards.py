@@ -30,7 +30,7 @@ def test_expand_pattern_forms(tmp_path):
 def test_writer_is_atomic_and_resumable(tmp_path):
     writer = ShardWriter(str(tmp_path), shard_size=2)
     writer.write({"__key__": "a", "txt": "x", "png": png((1, 2, 3))})
-    assert os.listdir(tmp_path) == ["000000.tar.tmp"]  # an unfinished shard never reads as valid
+    assert complete_shards(str(tmp_path)) == [] and len(os.listdir(tmp_path)) == 1  # unfinished: never valid
     writer.write({"__key__": "b", "txt": "y", "png": png((1, 2, 3))})
     writer.write({"__key__": "c", "txt": "z", "png": png((1, 2, 3))})
     assert complete_shards(str(tmp_path)) == [0]

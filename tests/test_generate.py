@@ -71,8 +71,10 @@ def test_cli_writes_grid_images_and_ranked_results(bundle, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     grid = Image.open(out / "grid.png")
     assert grid.size == (3 * 34 + 2, 2 * 34 + 2)  # 3 kept per row, 2 prompts, 32 px images, 2 px padding
-    results = json.load(open(out / "results.json"))["results"]
+    saved = json.load(open(out / "results.json"))
+    results = saved["results"]
     assert len(results) == 6
+    assert (saved["settings"]["condition_scale"], saved["settings"]["temperature"]) == (1.0, 1.0)  # the prior's own
     for prompt in ("a red circle", "ein grünes Quadrat ✓"):
         rows = sorted((r for r in results if r["prompt"] == prompt), key=lambda r: r["rank"])
         assert [r["rank"] for r in rows] == [0, 1, 2]

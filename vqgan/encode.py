@@ -17,12 +17,12 @@ import io
 import json
 import os
 import sys
-import tarfile
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
+from core.files import atomic_file
 from vqgan.model import CONFIG_NAME, VQGAN, VQGANConfig
 
 
@@ -63,9 +63,8 @@ def write_manifest(model_dir: str, out_dir: str) -> dict:
         return old
     if done_shards(out_dir):
         raise EncodeError(f"{out_dir} holds code shards but no manifest.json (an older encoder or another tool wrote them): encode into a new --output folder")
-    with open(path + ".tmp", "w") as fh:
+    with atomic_file(path) as fh:
         json.dump(man, fh, indent=1)
-    os.replace(path + ".tmp", path)
     return man
 
 
@@ -84,6 +83,7 @@ def encode_shard(model: VQGAN, shard: str, out_dir: str, rank: int, index: int, 
                  device: torch.device, progress=None) -> int:
     """Encode one input shard into ``out_dir/rankRR-index.tar``; returns the number of samples written."""
     from data import ShardWriter, iter_samples
+    from data.shards import write_empty_shard
 
     n = 0
     size = model.config.resolution
@@ -97,9 +97,7 @@ def encode_shard(model: VQGAN, shard: str, out_dir: str, rank: int, index: int, 
             if progress is not None:
                 progress.update(len(batch))
     if n == 0:  # an empty input shard still gets its (empty) output shard, so reruns skip it
-        path = os.path.join(out_dir, output_name(rank, index))
-        tarfile.open(path + ".tmp", "w").close()
-        os.replace(path + ".tmp", path)
+        write_empty_shard(os.path.join(out_dir, output_name(rank, index)))
     return n
 
 
