@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+REFERENCES := min-dalle==0.4.11 dalle-mini==0.1.5
 
 .PHONY: demo test test-all bench install clean
 
@@ -10,6 +11,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip setuptools wheel
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	# reference implementations for the parity tests, never imported by the project: min-dalle's modules need only
+	# torch, and only dalle-mini's pure-Python text.py is used (its package imports JAX), hence --no-deps
+	$(BIN)/python -m pip install -q --no-deps $(REFERENCES)
 	touch $(STAMP)
 
 install: $(STAMP)

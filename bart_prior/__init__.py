@@ -6,11 +6,13 @@ transformers' BART modelling code nor finds its own module imported twice (runpy
 from typing import Any
 
 _LAZY = {"TokenizerError": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
-         "PriorConfig": "model", "PriorConfigError": "model", "PriorModel": "model",
+         "PriorConfig": "model", "PriorConfigError": "model", "PriorModel": "model", "CodePredictor": "model",
+         "build_model": "model", "DalleBartModel": "dallebart",
          "preset": "model", "BartPrior": "prior", "SamplingOptions": "sampling", "candidate_seed": "sampling",
          "sample_codes": "sampling"}
 
-__all__ = ["BartPrior", "PriorConfig", "PriorConfigError", "PriorModel",
+__all__ = ["BartPrior", "CodePredictor", "DalleBartModel", "PriorConfig", "PriorConfigError", "PriorModel",
+           "build_model",
            "SamplingOptions", "TokenizerError", "candidate_seed", "load_tokenizer", "preset", "sample_codes",
            "train_tokenizer"]
 

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from safetensors.torch import save_file
 
-from bart_prior.model import PriorConfig, PriorModel
+from bart_prior.model import CodePredictor, PriorConfig, build_model
 from bart_prior.sampling import SamplingOptions, candidate_seed, candidate_uniforms, resolve_precision, sample_codes
 from bart_prior.tokenizer import load_tokenizer
 from core.files import atomic_folder, load_safetensors, load_state, read_json, require_files
@@ -36,15 +36,15 @@ def _user_stacklevel() -> int:
 
 
 class BartPrior(torch.nn.Module):
-    def __init__(self, config: PriorConfig, tokenizer, model: Optional[PriorModel] = None):
+    def __init__(self, config: PriorConfig, tokenizer, model: Optional[CodePredictor] = None):
         super().__init__()
+        # A tokenizer may be larger than the text embedding (DALL·E Mini's vocabulary has one entry more than its
+        # 50264 rows): encode_prompts refuses a prompt that reaches past it.
         if config.text_vocab_size is None:
             config.text_vocab_size = len(tokenizer)
-        if len(tokenizer) > config.text_vocab_size:
-            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the text encoder only "
-                             f"{config.text_vocab_size}")
         self.config, self.tokenizer = config, tokenizer
-        self.model = model if model is not None else PriorModel(config)
+        self._normalizer = None
+        self.model = model if model is not None else build_model(config)
 
     @property
     def codebook_size(self) -> int:
@@ -84,6 +84,12 @@ class BartPrior(torch.nn.Module):
     def encode_prompts(self, prompts: Sequence[str], warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Captions -> padded (P, T) ids and mask, truncated to ``max_text_length`` tokens."""
         max_len = self.config.max_text_length
+        if self.config.normalize_text:
+            if self._normalizer is None:
+                from bart_prior.text import TextNormalizer
+
+                self._normalizer = TextNormalizer(self.config.word_frequencies)
+            prompts = [self._normalizer(p) for p in prompts]
         # verbose=False: the lengths are only counted here; the warning below says what happens to a long prompt
         full = self.tokenizer(list(prompts), add_special_tokens=True, verbose=False)["input_ids"]
         for prompt, ids in zip(prompts, full):
@@ -96,7 +102,12 @@ class BartPrior(torch.nn.Module):
                               stacklevel=_user_stacklevel())
         enc = self.tokenizer(list(prompts), add_special_tokens=True, truncation=True, max_length=max_len,
                              padding="longest", return_tensors="pt")
-        return enc["input_ids"], enc["attention_mask"]
+        ids = enc["input_ids"]
+        if ids.numel() and int(ids.max()) >= self.config.text_vocab_size:
+            row = int((ids >= self.config.text_vocab_size).any(1).nonzero()[0])
+            raise ValueError(f"prompt {prompts[row]!r} has token id {int(ids[row].max())}, past the text embedding "
+                             f"({self.config.text_vocab_size} rows): the tokenizer does not fit the model")
+        return ids, enc["attention_mask"]
 
     def empty_prompt_ids(self) -> torch.Tensor:
         return torch.tensor(self.tokenizer("", add_special_tokens=True)["input_ids"], dtype=torch.long)

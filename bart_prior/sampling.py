@@ -15,8 +15,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from bart_prior.model import PriorModel
+from bart_prior.model import CodePredictor
 from core.hardware import bf16_is_fast
 
 
@@ -82,10 +83,71 @@ def guide(cond: torch.Tensor, uncond: Optional[torch.Tensor], scale: float) -> t
     return cond if uncond is None else uncond + scale * (cond - uncond)
 
 
-class _CachedDecoder:
-    """Incremental decoding over a PriorModel's BartDecoder weights with a static self-attention cache."""
+Cast = Callable[..., tuple]
+Linear = Callable[..., torch.Tensor]
 
-    def __init__(self, model: PriorModel, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor,
+
+class _BartBlocks:
+    """How a BART (post-norm) decoder layer wraps its attention and feed-forward, for the cached decoder."""
+
+    def __init__(self, layer: nn.Module, cast: Cast):
+        self.layer = layer
+        self.fc = [cast(layer.fc1.weight, layer.fc1.bias), cast(layer.fc2.weight, layer.fc2.bias)]
+
+    def self_in(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def self_out(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return self.layer.self_attn_layer_norm(x + a)
+
+    cross_in = self_in
+
+    def cross_out(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return self.layer.encoder_attn_layer_norm(x + a)
+
+    def feed_forward(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+        h = linear(self.layer.activation_fn(linear(x, *self.fc[0])), *self.fc[1])
+        return self.layer.final_layer_norm(x + h)
+
+
+class _DalleBartBlocks:
+    """How a DalleBart (NormFormer) decoder layer wraps its attention and GLU, for the cached decoder."""
+
+    def __init__(self, layer: nn.Module, cast: Cast):
+        self.layer, glu = layer, layer.glu
+        self.fc = [cast(glu.fc0.weight), cast(glu.fc1.weight), cast(glu.fc2.weight)]
+
+    def self_in(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.pre_self_attn_layer_norm(x)
+
+    def self_out(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return x + self.layer.self_attn_layer_norm(a)
+
+    def cross_in(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.pre_encoder_attn_layer_norm(x)
+
+    def cross_out(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return x + self.layer.encoder_attn_layer_norm(a)
+
+    def feed_forward(self, x: torch.Tensor, linear: Linear) -> torch.Tensor:
+        glu = self.layer.glu
+        z = glu.ln0(x)
+        return x + linear(glu.ln1(F.gelu(linear(z, *self.fc[0])) * linear(z, *self.fc[1])), *self.fc[2])
+
+
+def _cat(*tensors: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if any(t is None for t in tensors) else torch.cat(tensors)
+
+
+def _scaled(t: Optional[torch.Tensor], scale: float) -> Optional[torch.Tensor]:
+    return None if t is None else t * scale
+
+
+class _CachedDecoder:
+    """Incremental decoding over a prior's decoder weights (either architecture) with a static self-attention
+    cache."""
+
+    def __init__(self, model: CodePredictor, encoder_hidden: torch.Tensor, encoder_mask: torch.Tensor,
                  row_source: torch.Tensor, guided: bool = False, matmul_dtype: torch.dtype = torch.float32):
         dec, cfg = model.decoder, model.cfg
         self.model, self.layers = model, dec.layers
@@ -115,20 +177,21 @@ class _CachedDecoder:
         self.runs = [(e - c, e, s) for s, c, e in zip(src.tolist(), counts.tolist(), ends)]
         self.dtype = matmul_dtype
 
-        def cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            return tuple(t.to(matmul_dtype) for t in tensors)
+        def cast(*tensors: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+            return tuple(None if t is None else t.to(matmul_dtype) for t in tensors)
 
+        blocks = _DalleBartBlocks if cfg.arch == "dallebart" else _BartBlocks
+        self.blocks = [blocks(layer, cast) for layer in self.layers]
         # q, k and v of the new token in one matmul, the 1/sqrt(hd) score scale folded into q
         self.qkv = [cast(torch.cat([l.self_attn.q_proj.weight * self.scale, l.self_attn.k_proj.weight,
                                     l.self_attn.v_proj.weight]),
-                         torch.cat([l.self_attn.q_proj.bias * self.scale, l.self_attn.k_proj.bias,
-                                    l.self_attn.v_proj.bias]))
+                         _cat(_scaled(l.self_attn.q_proj.bias, self.scale), l.self_attn.k_proj.bias,
+                              l.self_attn.v_proj.bias))
                     for l in self.layers]
-        self.cross_q = [cast(l.encoder_attn.q_proj.weight * self.scale, l.encoder_attn.q_proj.bias * self.scale)
+        self.cross_q = [cast(l.encoder_attn.q_proj.weight * self.scale, _scaled(l.encoder_attn.q_proj.bias, self.scale))
                         for l in self.layers]
-        self.proj = [{name: cast(lin.weight, lin.bias) for name, lin in (
-            ("self_out", l.self_attn.out_proj), ("cross_out", l.encoder_attn.out_proj), ("fc1", l.fc1),
-            ("fc2", l.fc2))} for l in self.layers]
+        self.out = [(cast(l.self_attn.out_proj.weight, l.self_attn.out_proj.bias),
+                     cast(l.encoder_attn.out_proj.weight, l.encoder_attn.out_proj.bias)) for l in self.layers]
         self.head = cast(model.lm_head.weight[: cfg.codebook_size])[0]
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -152,28 +215,25 @@ class _CachedDecoder:
 
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """(N,) tokens at position ``pos`` -> (N, K) logits for position ``pos``."""
-        dec = self.model.decoder
         if self.pairs:
             tokens = tokens[: self.pairs]
-        x = dec.embed_tokens(tokens[:, None]) + dec.embed_positions.weight[pos + dec.embed_positions.offset]
-        x = dec.layernorm_embedding(x)
-        for i, layer in enumerate(self.layers):
-            n, proj = x.shape[0], self.proj[i]
-            qkv = self._linear(x, *self.qkv[i]).view(n, 3 * self.heads, 1, self.hd)  # one position: no transpose
-            q, k, v = qkv.split(self.heads, dim=1)
+        x = self.model.embed_step(tokens, pos)
+        for i, block in enumerate(self.blocks):
+            n, (self_out, cross_out) = x.shape[0], self.out[i]
+            qkv = self._linear(block.self_in(x), *self.qkv[i]).view(n, 3 * self.heads, 1, self.hd)
+            q, k, v = qkv.split(self.heads, dim=1)  # one position: no transpose
             self.k_cache[i][:, :, pos] = k[:, :, 0]
             self.v_cache[i][:, :, pos] = v[:, :, 0]
             # one query against the cache: two batched matmuls beat SDPA's kernel on CPU for this shape
             keys, values = self.k_cache[i][:, :, : pos + 1], self.v_cache[i][:, :, : pos + 1]
             a = torch.softmax(q @ keys.transpose(-1, -2), dim=-1) @ values
-            x = layer.self_attn_layer_norm(x + self._linear(a.transpose(1, 2).reshape(n, 1, -1), *proj["self_out"]))
+            x = block.self_out(x, self._linear(a.transpose(1, 2).reshape(n, 1, -1), *self_out))
             if i == 0 and self.pairs:
                 x, n = torch.cat([x, x]), 2 * n
-            a = self._cross_attention(i, self._linear(x, *self.cross_q[i]).view(n, self.heads, self.hd))
-            x = layer.encoder_attn_layer_norm(x + self._linear(a.reshape(n, 1, -1), *proj["cross_out"]))
-            h = self._linear(layer.activation_fn(self._linear(x, *proj["fc1"])), *proj["fc2"])
-            x = layer.final_layer_norm(x + h)
-        return self._linear(x[:, 0], self.head)
+            q = self._linear(block.cross_in(x), *self.cross_q[i]).view(n, self.heads, self.hd)
+            x = block.cross_out(x, self._linear(self._cross_attention(i, q).reshape(n, 1, -1), *cross_out))
+            x = block.feed_forward(x, self._linear)
+        return self._linear(self.model.final_step(x)[:, 0], self.head)
 
 
 def _run_loop(step: Callable[[torch.Tensor, int], torch.Tensor], n: int, guided: bool, uniforms: torch.Tensor,
@@ -190,7 +250,7 @@ def _run_loop(step: Callable[[torch.Tensor, int], torch.Tensor], n: int, guided:
     return out
 
 
-def _encode_rows(model: PriorModel, text_ids: torch.Tensor, text_mask: torch.Tensor, row_prompt: torch.Tensor,
+def _encode_rows(model: CodePredictor, text_ids: torch.Tensor, text_mask: torch.Tensor, row_prompt: torch.Tensor,
                  empty_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode the distinct captions (plus the empty one when guided); rows: conditional then unconditional."""
     if empty_ids is not None:
@@ -205,7 +265,7 @@ def _encode_rows(model: PriorModel, text_ids: torch.Tensor, text_mask: torch.Ten
 
 
 @torch.inference_mode()
-def sample_codes(model: PriorModel, text_ids: torch.Tensor, text_mask: torch.Tensor, row_prompt: torch.Tensor,
+def sample_codes(model: CodePredictor, text_ids: torch.Tensor, text_mask: torch.Tensor, row_prompt: torch.Tensor,
                  uniforms: torch.Tensor, opts: SamplingOptions, empty_ids: Optional[torch.Tensor] = None,
                  use_cache: bool = True) -> torch.Tensor:
     """Sample one code sequence per row.
@@ -233,8 +293,6 @@ def sample_codes(model: PriorModel, text_ids: torch.Tensor, text_mask: torch.Ten
             nonlocal prefix
             prefix = torch.cat([prefix, tokens[:, None]], dim=1)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.precision == "bf16"):
-                h = model.decoder(input_ids=prefix, encoder_hidden_states=row_hidden, encoder_attention_mask=row_mask,
-                                  use_cache=False).last_hidden_state
-                return model.code_logits(h[:, -1]).float()
+                return model.code_logits(model.decode(prefix, row_hidden, row_mask)[:, -1]).float()
 
     return _run_loop(step, n, guided, uniforms, opts, start, length, device)

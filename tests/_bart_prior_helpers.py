@@ -41,13 +41,15 @@ def make_tokenizer(folder: str):
     return train_tokenizer(captions, vocab_size=300, out_dir=folder, min_frequency=1)
 
 
-def tiny_prior(tokenizer, codebook_size: int = 64, grid=(4, 4), seed: int = 0):
+def tiny_prior(tokenizer, codebook_size: int = 64, grid=(4, 4), seed: int = 0, arch: str = "bart"):
+    """A tiny prior; the dallebart one has an image vocabulary larger than its codebook, as DALL·E Mega's."""
     import torch
 
     from bart_prior import BartPrior, preset
 
     torch.manual_seed(seed)
-    return BartPrior(preset("tiny", codebook_size=codebook_size, grid=list(grid), max_text_length=20),
+    extra = dict(arch="dallebart", image_vocab_size=codebook_size + 7) if arch == "dallebart" else {}
+    return BartPrior(preset("tiny", codebook_size=codebook_size, grid=list(grid), max_text_length=20, **extra),
                      tokenizer).eval()
 
 

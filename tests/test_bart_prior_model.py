@@ -35,13 +35,20 @@ def test_layout_untied_and_sizes(tok):
                                                                       codes.view(2, -1)[:, :-1])
 
 
-def test_presets_match_dalle_mini_sizes():
-    expect = {"mini": 0.44e9, "mega": 2.6e9}
-    for name, n in expect.items():
-        with torch.device("meta"):
-            m = PriorModel(preset(name))
-        assert abs(m.num_parameters() - n) / n < 0.02, name
-        assert m.cfg.seq_len == 256 and m.decoder.embed_tokens.num_embeddings == 16385
+def test_presets_are_the_published_dalle_mini_and_mega_shapes():
+    from bart_prior import DalleBartModel, build_model
+
+    with torch.device("meta"):
+        mini, mega = build_model(preset("mini")), build_model(preset("mega"))
+    assert isinstance(mini, DalleBartModel) and mini.num_parameters() == 437_833_712  # DALL·E Mini, as published
+    assert abs(mega.num_parameters() - 2.59e9) / 2.59e9 < 0.005
+    shapes = {"mini": (mini, 50264, 16385, 2730, 1024), "mega": (mega, 50272, 16416, 4096, 2048)}
+    for name, (m, text_rows, image_rows, glu, d) in shapes.items():
+        assert m.encoder.embed_tokens.weight.shape == (text_rows, d), name
+        assert m.decoder.embed_tokens.weight.shape == m.lm_head.weight.shape == (image_rows, d), name
+        assert m.encoder.layers[0].glu.fc0.weight.shape == (glu, d) and m.cfg.seq_len == 256
+        assert m.decoder.embed_positions.weight.shape == (256, d) and m.encoder.embed_positions.weight.shape == (64, d)
+        assert not any(n.endswith(".bias") and "norm" not in n and "ln" not in n for n, _ in m.named_parameters())
     with pytest.raises(ConfigError, match="unknown bart_prior preset 'huge'; choose one of .*mega.*mini"):
         preset("huge")
 

@@ -9,10 +9,11 @@ from _bart_prior_helpers import make_tokenizer, tiny_prior, one_thread  # noqa: 
 PROMPTS = ["a red circle", "a blue square", "a purple hexagon"]
 
 
-@pytest.fixture(scope="module")
-def prior(tmp_path_factory):
+@pytest.fixture(scope="module", params=["bart", "dallebart"])
+def prior(tmp_path_factory, request):
+    """Every sampling test runs on both architectures: the cached sampler serves both."""
     tok = make_tokenizer(str(tmp_path_factory.mktemp("tok") / "tok"))
-    return tiny_prior(tok, codebook_size=64, grid=(4, 4))
+    return tiny_prior(tok, codebook_size=64, grid=(4, 4), arch=request.param)
 
 
 @pytest.mark.parametrize("opts", [dict(condition_scale=3.0, top_k=8), dict(condition_scale=2.0, top_p=0.8),
@@ -70,19 +71,22 @@ def test_log_likelihood_scores_each_code_given_its_prefix(prior):
         prior.log_likelihood(PROMPTS, codes[:2])
 
 
-def test_never_samples_start_token(prior):
-    """Make the start token the overwhelming favourite of the head: it must still never come out."""
-    prior = tiny_prior(prior.tokenizer, seed=1)
+def test_never_samples_past_the_codebook(prior):
+    """Make the start token (and, for the dallebart prior, the unused ids past the codebook, as in DALL·E Mega) the
+    overwhelming favourites of the head: they must still never come out."""
+    prior = tiny_prior(prior.tokenizer, seed=1, arch=prior.config.arch)
     model = prior.model
-    start = model.cfg.start_token_id
+    codebook, rows = model.cfg.codebook_size, model.lm_head.weight.shape[0]
+    assert rows == model.cfg.decoder_vocab_size > codebook and model.cfg.start_token_id >= codebook
+    # every hidden state the head reads becomes the all-ones vector
+    last = model.decoder.final_ln if model.cfg.arch == "dallebart" else model.decoder.layers[-1].final_layer_norm
+    last.register_forward_hook(lambda module, args, out: torch.ones_like(out))
     with torch.no_grad():
-        last = model.decoder.layers[-1].final_layer_norm
-        last.weight.zero_()
-        last.bias.fill_(1.0)  # every hidden state becomes the all-ones vector
-        model.lm_head.weight[start] = 100.0
+        model.lm_head.weight[codebook:] = 100.0
     for opts in (dict(condition_scale=4.0), dict(temperature=5.0), dict(top_p=0.99), dict(temperature=0)):
-        codes = prior.generate(PROMPTS, num_candidates=4, seed=0, **opts)
-        assert int(codes.min()) >= 0 and int(codes.max()) < start
+        for cache in (True, False):
+            codes = prior.generate(PROMPTS, num_candidates=4, seed=0, use_cache=cache, **opts)
+            assert int(codes.min()) >= 0 and int(codes.max()) < codebook
 
 
 def test_prompt_edge_cases(prior):
@@ -120,11 +124,16 @@ def test_bf16_matrix_products_stay_close_to_fp32(prior):
     assert codes.shape == (3, 2, 16) and int(codes.max()) < 64 and int(codes.min()) >= 0
 
 
-def test_precision_auto_and_bad_values():
-    from bart_prior.sampling import resolve_precision
+def test_precision_auto_and_bad_values(monkeypatch):
+    from bart_prior import sampling
+    from bart_prior.sampling import CPU_BF16_MIN_WORK, resolve_precision
 
-    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
-    assert resolve_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
-    assert resolve_precision("auto", torch.device("cpu"), rows=2) == "fp32"  # conversions outweigh the gain
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(sampling, "bf16_is_fast", lambda device: False)
+    assert resolve_precision("auto", cpu, rows=4096, d_model=1024) == "fp32"  # a CPU without fast bf16
+    monkeypatch.setattr(sampling, "bf16_is_fast", lambda device: True)
+    assert resolve_precision("auto", cpu, rows=CPU_BF16_MIN_WORK // 128, d_model=128) == "bf16"
+    assert resolve_precision("auto", cpu, rows=CPU_BF16_MIN_WORK // 128 - 1, d_model=128) == "fp32"  # too little work
     with pytest.raises(ValueError, match="precision must be"):
         resolve_precision("fp16", torch.device("cpu"))
