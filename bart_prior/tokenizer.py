@@ -40,7 +40,6 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int, out_dir: str, lowe
                     min_frequency: int = 2, max_length: int = 64):
     """Train a byte-level BPE on ``captions`` and save it (atomically) as a tokenizer folder; returns it loaded."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise TokenizerError(f"vocab size {vocab_size} is too small: a byte-level BPE needs at least "
@@ -66,12 +65,41 @@ def train_tokenizer(captions: Iterable[str], vocab_size: int, out_dir: str, lowe
     # BART frames every caption as <s> ... </s>
     tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
                                                       ("<s>", tok.token_to_id("<s>")), add_prefix_space=True)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>", mask_token="<mask>", cls_token="<s>", sep_token="</s>",
-                                   model_max_length=max_length)
+    fast = _with_bart_specials(tok, max_length)
     with atomic_folder(out_dir) as tmp:
         fast.save_pretrained(tmp)
     return load_tokenizer(out_dir)
+
+
+def _with_bart_specials(tok, max_length: int, mask: bool = True):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", mask_token="<mask>" if mask else None, cls_token="<s>",
+                                   sep_token="</s>", model_max_length=max_length)
+
+
+def tokenizer_from_bpe_files(vocab: str, merges: str, max_length: int = 64):
+    """A BART tokenizer from a byte-level BPE's ``vocab.json`` + ``merges.txt`` (BART's, DALL·E Mini's and min-dalle's
+    files), set up as transformers' ``BartTokenizerFast`` is by default: no prefix space, ``<s> ... </s>``.
+
+    Built with ``tokenizers`` directly because transformers 4 and 5 take these files through different arguments.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    try:
+        tok = Tokenizer(models.BPE.from_file(vocab, merges))
+    except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
+        raise TokenizerError(f"{vocab} + {merges}: not a BPE vocabulary ({str(exc).splitlines()[0][:200]})") from None
+    for token in SPECIAL_TOKENS[:4]:
+        if tok.token_to_id(token) is None:
+            raise TokenizerError(f"{vocab}: no {token} token (BART needs <s>, <pad>, </s>, <unk>)")
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
+                                                      ("<s>", tok.token_to_id("<s>")), add_prefix_space=False)
+    # an absent <mask> would be appended as a new id, changing the vocabulary size
+    return _with_bart_specials(tok, max_length, mask=tok.token_to_id("<mask>") is not None)
 
 
 def load_tokenizer(dir_or_name: str, min_vocab: int = 0):
