@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-REFERENCES := min-dalle==0.4.11 dalle-mini==0.1.5
+REFERENCES := min-dalle==0.4.11 dalle-mini==0.1.5 taming-transformers-rom1504==0.0.6 einops==0.8.2
 
 .PHONY: demo test test-all bench install clean
 

@@ -1,4 +1,5 @@
-"""VQGAN model: taming layout and conversion, quantizer behaviour, save/load, encode/decode."""
+"""VQGAN model: taming layout, quantizer behaviour, save/load, encode/decode, decoder-only models, pixel range
+and GroupNorm epsilon (conversion: test_vqgan_convert.py)."""
 from __future__ import annotations
 
 import pytest
@@ -9,31 +10,6 @@ from safetensors.torch import load_file
 from tests._vqgan_helpers import one_thread  # noqa: F401  (autouse fixture)
 from core.errors import ModelFolderError
 from vqgan import VQGAN, CheckpointError, VectorQuantizer, preset
-from vqgan.convert_taming import main as convert_main
-
-TAMING_YAML = """
-model:
-  base_learning_rate: 4.5e-06
-  target: taming.models.vqgan.VQModel
-  params:
-    embed_dim: 8
-    n_embed: 32
-    ddconfig:
-      double_z: false
-      z_channels: 32
-      resolution: 16
-      in_channels: 3
-      out_ch: 3
-      ch: 32
-      ch_mult: [1, 2]
-      num_res_blocks: 1
-      attn_resolutions: [8]
-      dropout: 0.0
-    lossconfig:
-      target: taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator
-      params: {disc_start: 0, disc_weight: 0.75}
-"""
-
 
 def test_f16_preset_has_taming_parameter_names_and_shapes():
     sd = VQGAN(preset("f16-16384")).state_dict()
@@ -60,49 +36,6 @@ def test_f16_preset_has_taming_parameter_names_and_shapes():
         assert tuple(sd[key].shape) == shape, key
     assert "decoder.up.0.upsample.conv.weight" not in sd and "encoder.down.4.downsample.conv.weight" not in sd
     assert not any(k.startswith("quantize.") and k != "quantize.embedding.weight" for k in sd)  # plain codebook
-
-
-def _taming_files(tmp_path):
-    from vqgan.convert_taming import config_from_taming
-
-    yaml_path = tmp_path / "model.yaml"
-    yaml_path.write_text(TAMING_YAML)
-    torch.manual_seed(0)
-    ref = VQGAN(config_from_taming(str(yaml_path))).eval()
-    state = dict(ref.state_dict())
-    state["loss.discriminator.main.0.weight"] = torch.randn(4, 3, 4, 4)  # dropped by the converter
-    return ref, state, yaml_path
-
-
-def test_convert_taming_roundtrip_decodes_identically(tmp_path):
-    ref, state, yaml_path = _taming_files(tmp_path)
-    assert any(".attn." in k for k in state) and ref.config.legacy_commitment
-    torch.save({"state_dict": state, "global_step": 7}, tmp_path / "last.ckpt")
-    torch.save(state, tmp_path / "bare.pth")
-    codes = torch.randint(0, 32, (2, 8, 8))
-    ref = ref.to(memory_format=torch.channels_last)  # from_pretrained's layout: the same kernels, the same bits
-    for ckpt in ("last.ckpt", "bare.pth"):
-        out = tmp_path / f"out-{ckpt}"
-        assert convert_main(["--checkpoint", str(tmp_path / ckpt), "--config", str(yaml_path), "--out", str(out)]) == 0
-        model = VQGAN.from_pretrained(str(out))
-        assert torch.equal(model.decode(codes), ref.decode(codes))
-        x = torch.rand(2, 3, 16, 16) * 2 - 1
-        assert torch.equal(model.encode(x), ref.encode(x))
-
-
-def test_convert_taming_mismatch_names_the_key(tmp_path, capsys):
-    _, state, yaml_path = _taming_files(tmp_path)
-    state["decoder.conv_out.weight"] = torch.zeros(3, 16, 3, 3)
-    torch.save(state, tmp_path / "bad.pth")
-    assert convert_main(["--checkpoint", str(tmp_path / "bad.pth"), "--config", str(yaml_path),
-                         "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "decoder.conv_out.weight" in err and len(err.splitlines()) == 1
-    del state["decoder.conv_out.weight"]
-    torch.save(state, tmp_path / "missing.pth")
-    assert convert_main(["--checkpoint", str(tmp_path / "missing.pth"), "--config", str(yaml_path),
-                         "--out", str(tmp_path / "o")]) == 2
-    assert "missing tensor 'decoder.conv_out.weight'" in capsys.readouterr().err
 
 
 def test_straight_through_gradient_reaches_encoder():
@@ -218,3 +151,59 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     save_file(other.state_dict(), str(tmp_path / "m" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="quantize.embedding.weight"):
         VQGAN.from_pretrained(str(tmp_path / "m"))
+
+
+def test_decoder_only_model_decodes_round_trips_and_refuses_to_encode(tmp_path, capsys):
+    from vqgan.encode import main as encode_main
+
+    torch.manual_seed(0)
+    full = VQGAN(preset("tiny")).eval()
+    model = VQGAN(preset("tiny", encoder=False)).eval()
+    assert model.encoder is None and model.quant_conv is None
+    assert set(model.state_dict()) == {k for k in full.state_dict() if not k.startswith(("encoder.", "quant_conv."))}
+    codes = torch.randint(0, 64, (2, 8, 8))
+    model.save_pretrained(str(tmp_path / "m"))
+    loaded = VQGAN.from_pretrained(str(tmp_path / "m"))
+    assert loaded.config == model.config and not loaded.config.encoder
+    assert (loaded.decode(codes) - model.decode(codes)).abs().max() < 1e-5
+    for m in (model, loaded):
+        with pytest.raises(ModelFolderError, match="imported without an encoder .*min-dalle's detoker.pt.*"
+                                                   "--from dalle-mini"):
+            m.encode(torch.zeros(1, 3, 32, 32))
+    rc = encode_main(["--model", str(tmp_path / "m"), "--input", str(tmp_path / "shards" / "*.tar"),
+                      "--output", str(tmp_path / "codes")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "without an encoder" in err and str(tmp_path / "m") in err
+    assert not (tmp_path / "codes").exists()
+
+
+def test_pixel_range_converts_at_the_edges_and_norm_eps_reaches_every_norm():
+    torch.manual_seed(0)
+    a = VQGAN(preset("tiny")).eval()
+    b = VQGAN(preset("tiny", pixel_range="0,1", norm_eps=1e-5)).eval()
+    b.load_state_dict(a.state_dict())
+    assert {m.eps for m in a.modules() if isinstance(m, torch.nn.GroupNorm)} == {1e-6}
+    assert {m.eps for m in b.modules() if isinstance(m, torch.nn.GroupNorm)} == {1e-5}
+    for m in b.modules():
+        if isinstance(m, torch.nn.GroupNorm):
+            m.eps = 1e-6  # the same function but for the pixel range
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        # b's encoder sees x in [0, 1]: as a's encoder seeing (x + 1) / 2
+        assert torch.equal(b.quantize_images(x).indices, a.quantize_images((x + 1) / 2).indices)
+        z = a.quantize.lookup(torch.randint(0, 64, (2, 8, 8)))
+        assert torch.allclose(b.decode_latents(z), a.decode_latents(z) * 2 - 1, atol=1e-6)
+        xrec, q = b(x)  # the training pass takes and gives [-1, 1] images too
+        assert torch.allclose(xrec, b.decode_latents(q.z_q))
+    with pytest.raises(ModelFolderError, match="pixel_range must be one of '-1,1', '0,1', got '0-1'"):
+        preset("tiny", pixel_range="0-1")
+
+
+def test_settings_no_shape_shows_must_match_the_weights():
+    made = preset("tiny", pixel_range="0,1")
+    preset("tiny", pixel_range="0,1").check_same_function(made, "init_from x")
+    with pytest.raises(ModelFolderError, match=r"init_from x: the weights were made with pixel_range '0,1', this "
+                                               r"model has '-1,1'; set model.pixel_range: 0,1"):
+        preset("tiny").check_same_function(made, "init_from x")
+    with pytest.raises(ModelFolderError, match="norm_eps 1e-05"):
+        preset("tiny", pixel_range="0,1").check_same_function(preset("tiny", pixel_range="0,1", norm_eps=1e-5), "x")

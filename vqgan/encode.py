@@ -44,13 +44,20 @@ def codes_to_npy(codes: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_manifest(model_dir: str, out_dir: str) -> dict:
-    """Write (or check) ``out_dir/manifest.json``: the codebook size and token grid of the VQGAN in ``model_dir``."""
+def read_encoder_config(model_dir: str) -> VQGANConfig:
+    """The config of the VQGAN in ``model_dir``; a one-line error unless it has an encoder."""
     cfg_path = os.path.join(model_dir, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: pass a VQGAN save_pretrained folder (e.g. runs/NAME/export)")
     with open(cfg_path) as fh:
-        cfg = VQGANConfig.from_dict(json.load(fh))
+        cfg = VQGANConfig.from_dict(json.load(fh), source=cfg_path)
+    cfg.require_encoder(model_dir)
+    return cfg
+
+
+def write_manifest(model_dir: str, out_dir: str) -> dict:
+    """Write (or check) ``out_dir/manifest.json``: the codebook size and token grid of the VQGAN in ``model_dir``."""
+    cfg = read_encoder_config(model_dir)
     man = {"codebook_size": cfg.num_codes, "grid": [cfg.token_grid, cfg.token_grid],
            "vqgan": os.path.abspath(model_dir)}
     path = os.path.join(out_dir, "manifest.json")
@@ -138,6 +145,7 @@ def encode(model_dir: str, pattern: str, out_dir: str, devices: int = 1, batch_s
 
     if devices < 1 or batch_size < 1 or (threads is not None and threads < 1):
         raise EncodeError("--devices, --batch-size and --threads must be >= 1")
+    read_encoder_config(model_dir)  # a decoder-only VQGAN is refused before any output folder is made
     shards = expand_pattern(pattern)
     os.makedirs(out_dir, exist_ok=True)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -23,6 +23,11 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 # A weights folder or checkpoint that does not match the model (the message names the first bad tensor).
 CheckpointError = ModelFolderError
 
+PIXEL_RANGES = ("-1,1", "0,1")
+NO_ENCODER = ("this VQGAN was imported without an encoder (min-dalle's detoker.pt holds only the decoder and the "
+              "codebook): it decodes codes but cannot encode images; for an encoder convert dalle-mini's VQGAN "
+              "(python -m vqgan.convert --from dalle-mini DIR --out OUT) or a taming checkpoint (--from taming CKPT)")
+
 
 @dataclass
 class VQGANConfig:
@@ -37,6 +42,14 @@ class VQGANConfig:
     z_channels: int = 64
     dropout: float = 0.0
     norm_groups: int = 32
+    # GroupNorm epsilon: taming's (and dalle-mini's vqgan-jax) 1e-6; min-dalle's detokenizer keeps torch's default
+    # 1e-5, which its detoker.pt was used with, so an imported detoker.pt decodes exactly as min-dalle does.
+    norm_eps: float = 1e-6
+    # The pixel range the convolutions see: "-1,1" (taming) or "0,1" (dalle-mini's fine-tuned VQGAN and min-dalle).
+    # encode/decode and the training pass always take and give [-1, 1] images; the conversion happens at the edge.
+    pixel_range: str = "-1,1"
+    # False: decoder and codebook only (min-dalle's detoker.pt has no encoder): decodes codes, cannot encode images.
+    encoder: bool = True
     # quantizer; the defaults are the settings that use the codebook best (low-dim cosine codes + restarts)
     num_codes: int = 1024
     embed_dim: int = 64
@@ -50,6 +63,25 @@ class VQGANConfig:
     restart_every: int = 200  # training forward passes between dead-code checks
     restart_threshold: float = 1.0  # hits since the last check below which a code counts as dead
     usage_window: int = 65536
+
+    def __post_init__(self) -> None:
+        if self.pixel_range not in PIXEL_RANGES:
+            raise ValueError(f"pixel_range must be one of {', '.join(repr(r) for r in PIXEL_RANGES)}, "
+                             f"got {self.pixel_range!r}")
+
+    def require_encoder(self, where: str) -> None:
+        """ModelFolderError (one line) if this VQGAN has no encoder; ``where`` names the model folder."""
+        if not self.encoder:
+            raise ModelFolderError(f"{where}: {NO_ENCODER}")
+
+    def check_same_function(self, made_with: "VQGANConfig", source: str) -> None:
+        """ModelFolderError if weights made under ``made_with`` would compute something else here through a setting
+        no tensor shape shows (a fine-tune of converted weights with the wrong pixel range trains silently)."""
+        for key in ("pixel_range", "norm_eps", "norm_groups"):
+            theirs, ours = getattr(made_with, key), getattr(self, key)
+            if theirs != ours:
+                raise ModelFolderError(f"{source}: the weights were made with {key} {theirs!r}, this model has "
+                                       f"{ours!r}; set model.{key}: {theirs}")
 
     @property
     def downsample_factor(self) -> int:
@@ -65,7 +97,10 @@ class VQGANConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ModelFolderError(f"{source}: unknown VQGAN config key '{unknown[0]}'")
-        return cls(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items()})
+        try:
+            return cls(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items()})
+        except ValueError as exc:
+            raise ModelFolderError(f"{source}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,14 +120,14 @@ class VQGAN(nn.Module):
         self.config = c = config
         arch = dict(ch=c.ch, ch_mult=c.ch_mult, num_res_blocks=c.num_res_blocks, attn_resolutions=c.attn_resolutions,
                     z_channels=c.z_channels, resolution=c.resolution, dropout=c.dropout, norm_groups=c.norm_groups,
-                    mid_attention=c.mid_attention)
-        self.encoder = Encoder(in_channels=c.in_channels, **arch)
+                    mid_attention=c.mid_attention, norm_eps=c.norm_eps)
+        self.encoder: Optional[Encoder] = Encoder(in_channels=c.in_channels, **arch) if c.encoder else None
         self.decoder = Decoder(out_channels=c.out_channels, **arch)
         self.quantize = VectorQuantizer(
             c.num_codes, c.embed_dim, codebook_dim=c.codebook_dim, beta=c.beta, legacy=c.legacy_commitment,
             l2_norm=c.l2_norm_codes, ema=c.ema, ema_decay=c.ema_decay, restart_dead=c.restart_dead,
             restart_every=c.restart_every, restart_threshold=c.restart_threshold, usage_window=c.usage_window)
-        self.quant_conv = nn.Conv2d(c.z_channels, c.embed_dim, 1)
+        self.quant_conv = nn.Conv2d(c.z_channels, c.embed_dim, 1) if c.encoder else None
         self.post_quant_conv = nn.Conv2d(c.embed_dim, c.z_channels, 1)
 
     @property
@@ -118,16 +153,23 @@ class VQGAN(nn.Module):
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` in the convolutions' memory format: NHWC inputs for NHWC weights (``from_pretrained`` and
         ``optim.channels_last`` training); a mismatch makes oneDNN convert at every layer."""
-        if self.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
+        if self.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
             return x.contiguous(memory_format=torch.channels_last)
         return x
 
     def quantize_images(self, images: torch.Tensor) -> QuantizerOutput:
+        """[-1, 1] images -> quantizer output (the encoder sees them in ``config.pixel_range``)."""
+        if self.encoder is None or self.quant_conv is None:
+            raise ModelFolderError(NO_ENCODER)
         self._check_images(images)
+        if self.config.pixel_range == "0,1":
+            images = (images + 1) / 2
         return self.quantize(self.quant_conv(self.encoder(self._layout(images))))
 
     def decode_latents(self, z_q: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(self._layout(z_q)))
+        """Quantized latents -> unclamped images in [-1, 1] (from the decoder's ``config.pixel_range``)."""
+        x = self.decoder(self.post_quant_conv(self._layout(z_q)))
+        return x * 2 - 1 if self.config.pixel_range == "0,1" else x
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
         """Training pass: (reconstruction without clamping, quantizer output with loss and indices)."""
@@ -171,7 +213,7 @@ class VQGAN(nn.Module):
         device = map_location or device
         require_files(path, (CONFIG_NAME, WEIGHTS_NAME), "VQGAN",
                       "pass a folder written by VQGAN.save_pretrained (a training run's export/ folder), or convert "
-                      "a taming checkpoint with `python -m vqgan.convert_taming`")
+                      "a taming, dalle-mini or min-dalle checkpoint with `python -m vqgan.convert`")
         config = VQGANConfig.from_dict(read_json(os.path.join(path, CONFIG_NAME)), source=os.path.join(path, CONFIG_NAME))
         model = cls(config)
         weights = os.path.join(path, WEIGHTS_NAME)

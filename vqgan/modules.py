@@ -16,17 +16,18 @@ def swish(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
 
 
-def group_norm(channels: int, groups: int) -> nn.GroupNorm:
-    # taming uses 32 groups and eps 1e-6; narrower models (tests, the CPU demo) need fewer groups.
-    return nn.GroupNorm(num_groups=min(groups, channels), num_channels=channels, eps=1e-6, affine=True)
+def group_norm(channels: int, groups: int, eps: float = 1e-6) -> nn.GroupNorm:
+    # taming uses 32 groups and eps 1e-6 (min-dalle's port keeps torch's 1e-5, hence a parameter); narrower models
+    # (tests, the CPU demo) need fewer groups.
+    return nn.GroupNorm(num_groups=min(groups, channels), num_channels=channels, eps=eps, affine=True)
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32, eps: float = 1e-6):
         super().__init__()
-        self.norm1 = group_norm(in_channels, groups)
+        self.norm1 = group_norm(in_channels, groups, eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels, groups)
+        self.norm2 = group_norm(out_channels, groups, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # taming names the 1x1 projection of the skip path `nin_shortcut`
@@ -42,9 +43,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with 1x1-conv projections (taming's layout)."""
 
-    def __init__(self, channels: int, groups: int = 32):
+    def __init__(self, channels: int, groups: int = 32, eps: float = 1e-6):
         super().__init__()
-        self.norm = group_norm(channels, groups)
+        self.norm = group_norm(channels, groups, eps)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -100,11 +101,11 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, channels: int, dropout: float, groups: int, attention: bool):
+    def __init__(self, channels: int, dropout: float, groups: int, attention: bool, eps: float):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
-        self.attn_1 = AttnBlock(channels, groups) if attention else nn.Identity()
-        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups, eps)
+        self.attn_1 = AttnBlock(channels, groups, eps) if attention else nn.Identity()
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -115,7 +116,7 @@ class Encoder(nn.Module):
 
     def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
                  z_channels: int, resolution: int, in_channels: int = 3, dropout: float = 0.0,
-                 norm_groups: int = 32, mid_attention: bool = True):
+                 norm_groups: int = 32, mid_attention: bool = True, norm_eps: float = 1e-6):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         in_mult = (1,) + tuple(ch_mult)
@@ -125,16 +126,16 @@ class Encoder(nn.Module):
             c_in, c_out = ch * in_mult[i], ch * mult
             blocks, attns = [], []
             for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(c_in, c_out, dropout, norm_groups))
+                blocks.append(ResnetBlock(c_in, c_out, dropout, norm_groups, norm_eps))
                 c_in = c_out
                 if res in attn_resolutions:
-                    attns.append(AttnBlock(c_out, norm_groups))
+                    attns.append(AttnBlock(c_out, norm_groups, norm_eps))
             last = i == len(ch_mult) - 1
             levels.append(_Level(blocks, attns, None if last else Downsample(c_out), "downsample"))
             res = res if last else res // 2
         self.down = nn.ModuleList(levels)
-        self.mid = _Mid(c_in, dropout, norm_groups, mid_attention)
-        self.norm_out = group_norm(c_in, norm_groups)
+        self.mid = _Mid(c_in, dropout, norm_groups, mid_attention, norm_eps)
+        self.norm_out = group_norm(c_in, norm_groups, norm_eps)
         self.conv_out = nn.Conv2d(c_in, z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,26 +151,26 @@ class Decoder(nn.Module):
 
     def __init__(self, *, ch: int, ch_mult: Sequence[int], num_res_blocks: int, attn_resolutions: Sequence[int],
                  z_channels: int, resolution: int, out_channels: int = 3, dropout: float = 0.0,
-                 norm_groups: int = 32, mid_attention: bool = True):
+                 norm_groups: int = 32, mid_attention: bool = True, norm_eps: float = 1e-6):
         super().__init__()
         c_in = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, c_in, 3, padding=1)
-        self.mid = _Mid(c_in, dropout, norm_groups, mid_attention)
+        self.mid = _Mid(c_in, dropout, norm_groups, mid_attention, norm_eps)
         levels: list[nn.Module] = []
         for i in reversed(range(len(ch_mult))):
             c_out = ch * ch_mult[i]
             blocks, attns = [], []
             for _ in range(num_res_blocks + 1):  # the decoder has one more block per level than the encoder
-                blocks.append(ResnetBlock(c_in, c_out, dropout, norm_groups))
+                blocks.append(ResnetBlock(c_in, c_out, dropout, norm_groups, norm_eps))
                 c_in = c_out
                 if res in attn_resolutions:
-                    attns.append(AttnBlock(c_out, norm_groups))
+                    attns.append(AttnBlock(c_out, norm_groups, norm_eps))
             levels.insert(0, _Level(blocks, attns, Upsample(c_out) if i != 0 else None, "upsample"))
             res = res * 2 if i != 0 else res
         # indexed by level (up[0] is the full-resolution level), executed from the coarsest
         self.up = nn.ModuleList(levels)
-        self.norm_out = group_norm(c_in, norm_groups)
+        self.norm_out = group_norm(c_in, norm_groups, norm_eps)
         self.conv_out = nn.Conv2d(c_in, out_channels, 3, padding=1)
 
     @property

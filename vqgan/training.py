@@ -8,6 +8,7 @@ for manual optimisation, so the Trainer must be built with 1 — launch.trainer 
 """
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -17,13 +18,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from core.files import init_from
+from core.files import init_from, read_json
 from launch.components import Component
 from launch.schedule import budget_spent, lr_factor
 from launch.config import ConfigError, RunConfig
 from launch.images import log_image_grid
 from vqgan.loss import LossConfig, VQLoss
-from vqgan.model import VQGAN, WEIGHTS_NAME, VQGANConfig
+from vqgan.model import CONFIG_NAME, VQGAN, WEIGHTS_NAME, VQGANConfig
 
 
 @dataclass
@@ -88,6 +89,10 @@ class VQGANModule(pl.LightningModule):
 
     def _init_from(self, folder: str) -> None:
         init_from(self.vqgan, folder, WEIGHTS_NAME, "VQGAN")
+        path = os.path.join(folder, CONFIG_NAME)
+        if os.path.isfile(path):
+            made_with = VQGANConfig.from_dict(read_json(path), source=path)
+            self.vqgan.config.check_same_function(made_with, f"init_from {path}")
 
     # ---- optimisation -------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
