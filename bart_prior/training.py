@@ -232,6 +232,11 @@ class PriorModule(ShardedModule):
         if o.name == "adamw":
             opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         elif o.name == "adafactor":
+            if self.cfg.trainer.strategy == "fsdp":
+                # its factored second moments reduce over whole rows and columns, which neither transformers' nor
+                # torch's Adafactor can do on FSDP2's sharded parameters (they fail inside DTensor dispatch)
+                raise ConfigError("optim.name=adafactor does not work with trainer.strategy=fsdp: use adamw, or "
+                                  "adafactor with trainer.strategy=ddp")
             from transformers.optimization import Adafactor
 
             for group in params:
