@@ -15,6 +15,14 @@ Timings are the median of --repeats interleaved runs. A greedy run checks that o
 codes. Peak memory: torch.cuda.max_memory_allocated on GPU; on CPU the peak resident-set growth during the call
 (polled every 2 ms, after handing freed heap memory back to the OS).
 Training: tokens/s of AdamW steps and model FLOPs utilisation against a matmul peak measured in the same run.
+
+    python -m bench.prior_sampling --min-dalle [--layers 2] [--candidates 16] [--repeats 2]
+
+times this sampler against min-dalle 0.4.11's own sampling loop on the same weights instead: a DalleBart at DALL·E
+Mini's width (d_model 1024, 16 heads, GLU 2730; --layers encoder and decoder layers each, 12 in the published
+model), written as min-dalle's files and loaded into its classes, guidance scale 16, top-k 256, fp32, the same
+caption ids and start token for both, interleaved repeats; a greedy run (top-k 1) checks that both pick the same
+codes.
 """
 from __future__ import annotations
 
@@ -171,6 +179,50 @@ def bench_training(prior: BartPrior, device: torch.device, batch: int, steps: in
             "matmul_peak_tflops": peak / 1e12, "mfu": achieved / peak}
 
 
+def min_dalle_row(args: argparse.Namespace) -> dict:
+    """This sampler against min-dalle's on the same DALL·E Mini-width weights (see the module docstring)."""
+    from bart_prior import PriorConfig
+    from bart_prior.convert import MIN_DALLE_START, write_min_dalle
+    from bench._min_dalle import load_min_dalle, min_dalle_sample
+
+    d, heads, glu, layers = 1024, 16, 2730, args.layers
+    with tempfile.TemporaryDirectory() as tmp:
+        words = "a red green blue car cat dog house tree sky sea photo of the on in at".split()
+        tok = train_tokenizer([" ".join(words[(i * 5 + j) % len(words)] for j in range(6)) for i in range(200)], 400,
+                              os.path.join(tmp, "tok"), min_frequency=1)
+        torch.manual_seed(0)
+        cfg = PriorConfig(arch="dallebart", codebook_size=16384, image_vocab_size=16384, start_token=MIN_DALLE_START,
+                          grid=[16, 16], d_model=d, encoder_layers=layers, decoder_layers=layers, attention_heads=heads,
+                          ffn_dim=glu, max_text_length=64)
+        prior = BartPrior(cfg, tok).eval()
+        write_min_dalle(prior, tmp, "mini")
+        enc, dec = load_min_dalle(tmp, "_mini", layers, d, heads, glu, prior.config.text_vocab_size, 16384)
+    prompt = "a photo of a red car in the sea"
+    ids = prior.encode_prompts([prompt])[0][0].tolist()
+    n, scale, top_k = args.candidates[-1], 16.0, 256
+
+    def ours(k: int = top_k, images: int = n) -> torch.Tensor:
+        return prior.generate([prompt], images, condition_scale=scale, top_k=k, temperature=1.0, precision="fp32")[0]
+
+    def theirs(k: int = top_k, images: int = n) -> torch.Tensor:
+        return min_dalle_sample(enc, dec, ids, images, scale, top_k=k, temperature=1.0, start=MIN_DALLE_START)
+
+    greedy_agree = bool(torch.equal(ours(1, 1), theirs(1, 1)))
+    times: dict[str, list[float]] = {"ours": [], "min_dalle": []}
+    for _ in range(args.repeats):
+        for name, fn in (("ours", ours), ("min_dalle", theirs)):
+            times[name].append(measure(fn, torch.device("cpu"))[0])
+    row = {name: statistics.median(t) for name, t in times.items()}
+    row |= {"speedup": row["min_dalle"] / row["ours"], "greedy_agree": greedy_agree, "candidates": n,
+            "layers": layers, "params": prior.model.num_parameters()}
+    print(f"DalleBart d_model {d}, {layers}+{layers} layers ({row['params'] / 1e6:.0f}M parameters), {n} candidates, "
+          f"scale {scale:g}, top-k {top_k}, fp32, {torch.get_num_threads()} thread(s), median of {args.repeats}")
+    print(f"  ours       {n * 256 / row['ours']:7.0f} tok/s  {row['ours']:6.2f} s")
+    print(f"  min-dalle  {n * 256 / row['min_dalle']:7.0f} tok/s  {row['min_dalle']:6.2f} s")
+    print(f"  ours / min-dalle: x{row['speedup']:.2f}; greedy codes identical: {greedy_agree}")
+    return row
+
+
 def build_prior(args: argparse.Namespace) -> BartPrior:
     if args.prior:
         return BartPrior.from_pretrained(args.prior)
@@ -199,11 +251,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 by default: on a shared machine spinning OpenMP workers distort timings")
+    p.add_argument("--min-dalle", action="store_true", help="time against min-dalle's sampling loop instead")
+    p.add_argument("--layers", type=int, default=2, help="with --min-dalle: encoder and decoder layers each")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.min_dalle:
+        report = {"min_dalle": min_dalle_row(args)}
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(report, fh, indent=2)
+        return report
     prior = build_prior(args).to(device).eval()
     c = prior.config
     prompt = "a small red circle on the left"

@@ -2,30 +2,18 @@
 its tokenizer and its teacher-forced logits. min-dalle is a test reference only (installed with --no-deps)."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 import os
-import sys
-import types
 
 import torch
 from torch import nn
 
-
-def _min_dalle(module: str):
-    """A module of min-dalle imported without its package's __init__, which imports min_dalle.min_dalle: that one
-    turns autograd off for the whole process, changes torch's thread count and needs requests."""
-    if "_min_dalle_ref" not in sys.modules:
-        package = types.ModuleType("_min_dalle_ref")
-        package.__path__ = list(importlib.util.find_spec("min_dalle").submodule_search_locations)
-        sys.modules["_min_dalle_ref"] = package
-    return importlib.import_module(f"_min_dalle_ref.{module}")
+from bench._min_dalle import import_min_dalle
 
 
-DalleBartEncoder = _min_dalle("models.dalle_bart_encoder").DalleBartEncoder
-DalleBartDecoder = _min_dalle("models.dalle_bart_decoder").DalleBartDecoder
-TextTokenizer = _min_dalle("text_tokenizer").TextTokenizer
+DalleBartEncoder = import_min_dalle("models.dalle_bart_encoder").DalleBartEncoder
+DalleBartDecoder = import_min_dalle("models.dalle_bart_decoder").DalleBartDecoder
+TextTokenizer = import_min_dalle("text_tokenizer").TextTokenizer
 
 D, HEADS, GLU, LAYERS, TEXT_LEN, IMAGE_LEN, CODES = 64, 4, 96, 2, 64, 256, 16384
 SCALELESS = ("pre_self_attn_layer_norm", "pre_encoder_attn_layer_norm", "glu.ln0", "glu.ln1", "final_ln")

@@ -21,6 +21,7 @@ import torch
 
 from bart_prior import BartPrior
 from bart_prior.convert import main
+from bench._min_dalle import min_dalle_sample
 from core.flax_msgpack import flatten, read_flax_msgpack, unflatten, write_flax_msgpack
 
 from _bart_prior_helpers import one_thread  # noqa: F401 (autouse)
@@ -139,22 +140,8 @@ def test_teacher_forced_logits_match_min_dalle(world, source):
 
 
 def min_dalle_greedy(enc, dec, tokenizer: TextTokenizer, prompt: str, start: int, scale: float) -> torch.Tensor:
-    """MinDalle.generate_raw_image_stream's loop for one image, top_k 1, temperature 1."""
-    tokens = tokenizer.tokenize(prompt)
-    text = torch.ones(2, TEXT_LEN, dtype=torch.long)
-    text[0, :2] = torch.tensor([tokens[0], tokens[-1]])  # the unconditional row: <s></s>
-    text[1, : len(tokens)] = torch.tensor(tokens)
-    with torch.no_grad():
-        state = enc(text)
-        attention_state = torch.zeros(LAYERS, 4, IMAGE_LEN, D)
-        image = torch.full((1, IMAGE_LEN + 1), start, dtype=torch.long)
-        settings = torch.tensor([1.0, 1.0, scale])
-        positions = torch.arange(IMAGE_LEN)
-        for i in range(IMAGE_LEN):
-            image[:, i + 1], attention_state = dec.sample_tokens(
-                settings, attention_mask=text.ne(1)[:, None, None, :], encoder_state=state,
-                attention_state=attention_state, prev_tokens=image[:, [i]], token_index=positions[[i]])
-    return image[0, 1:]
+    """min-dalle's own sampling loop for one image, top_k 1, temperature 1."""
+    return min_dalle_sample(enc, dec, tokenizer.tokenize(prompt), 1, scale, top_k=1, temperature=1.0, start=start)[0]
 
 
 @pytest.mark.parametrize("source", ["min-dalle-mini", "min-dalle-mega", "dalle-mini-scanned"])
