@@ -1,6 +1,7 @@
 """Scoring and reranking generated candidates with a trained (or any open_clip) CLIP model."""
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -8,7 +9,9 @@ import torch.nn.functional as F
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from clip_rank.io import load_clip, save_clip
+from clip_rank.io import build_clip, load_clip, save_clip
+from core.errors import ConfigError
+from core.files import read_json
 from clip_rank.model import ClipModel
 
 Images = Union[torch.Tensor, Sequence[Union[torch.Tensor, Image.Image]]]
@@ -46,8 +49,21 @@ class ClipRanker:
 
     @classmethod
     def from_pretrained(cls, path: str, device: Union[str, torch.device] = "cpu", batch_size: int = 64,
-                        shifts: int = 0) -> "ClipRanker":
-        """Load an exported folder (open_clip_config.json + open_clip_model.safetensors) onto ``device``."""
+                        shifts: int = 0, arch: Optional[str] = None) -> "ClipRanker":
+        """Load an open_clip folder (open_clip_config.json + open_clip_model.safetensors: an export of this
+        project's or any open_clip ``local-dir``) onto ``device``; or an open_clip checkpoint file (e.g. OpenAI's
+        ViT-B/32 weights) for the architecture ``arch``: an open_clip name ("ViT-B-32") or a JSON file with an
+        open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``, or an ``open_clip_config.json``)."""
+        if os.path.isfile(path):
+            if not arch:
+                raise ConfigError(f"{path} is a checkpoint file: name its open_clip architecture (arch=..., "
+                                  "--clip-arch ViT-B-32)")
+            if arch.endswith(".json"):
+                config = read_json(arch)
+                model = build_clip(arch=config.get("model_cfg", config), pretrained=path)
+            else:
+                model = build_clip(name=arch, pretrained=path)
+            return cls(model.eval(), device=device, batch_size=batch_size, shifts=shifts)
         return cls(load_clip(path), device=device, batch_size=batch_size, shifts=shifts)
 
     def save_pretrained(self, path: str) -> None:

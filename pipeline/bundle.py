@@ -44,10 +44,10 @@ def check_fit(vqgan: Any, prior: Any) -> None:
 
 def load_parts(bundle: Optional[str], vqgan: Optional[str] = None, bart_prior: Optional[str] = None,
                clip_rank: Optional[str] = None, need_clip: bool = False, device: str = "cpu",
-               load_clip: bool = True):
-    """Load (vqgan, prior, ranker) from a bundle, each part replaceable by a folder of its own; the ranker is None
-    when the bundle has none and none is asked for, or with ``load_clip=False`` (unranked generation need not pay
-    for loading CLIP)."""
+               load_clip: bool = True, clip_arch: Optional[str] = None):
+    """Load (vqgan, prior, ranker) from a bundle, each part replaceable by a folder of its own (``clip_rank`` may
+    also be an open_clip checkpoint file of the architecture ``clip_arch``); the ranker is None when the bundle has
+    none and none is asked for, or with ``load_clip=False`` (unranked generation need not pay for loading CLIP)."""
     from bart_prior import BartPrior
     from clip_rank import ClipRanker
     from vqgan import VQGAN
@@ -58,23 +58,29 @@ def load_parts(bundle: Optional[str], vqgan: Optional[str] = None, bart_prior: O
     clip_dir = clip_rank or (os.path.join(bundle, "clip_rank") if bundle else None)
     if not load_clip or clip_dir is None or (not need_clip and clip_rank is None and not os.path.isdir(clip_dir)):
         return v, p, None
-    return v, p, ClipRanker.from_pretrained(_part_dir(None, "clip_rank", clip_dir), device=device)
+    if not os.path.isfile(clip_dir):
+        clip_dir = _part_dir(None, "clip_rank", clip_dir)
+    return v, p, ClipRanker.from_pretrained(clip_dir, device=device, arch=clip_arch)
 
 
 def assemble_bundle(vqgan: str, bart_prior: str, clip_rank: str, out: str,
-                    sampling: Optional[dict[str, float]] = None) -> str:
+                    sampling: Optional[dict[str, float]] = None, clip_arch: Optional[str] = None) -> str:
     """Check that the parts fit, then copy them into ``out`` (atomically: the previous bundle stays whole until the
-    new one is complete). ``sampling``: defaults to store in the bundle's prior (``condition_scale``,
-    ``temperature``), which generate.py and the Pipeline use when not told otherwise."""
+    new one is complete). ``clip_rank`` is an open_clip folder, or an open_clip checkpoint file of the architecture
+    ``clip_arch`` (written into the bundle as a folder). ``sampling``: defaults to store in the bundle's prior
+    (``condition_scale``, ``temperature``), which generate.py and the Pipeline use when not told otherwise."""
     sampling = dict(sampling or {})
     unknown = sorted(set(sampling) - set(SAMPLING_KEYS))
     if unknown:
         raise ModelFolderError(f"unknown sampling default '{unknown[0]}'; choose from {', '.join(SAMPLING_KEYS)}")
     sources = dict(zip(PARTS, (vqgan, bart_prior, clip_rank)))
-    load_parts(None, need_clip=True, **sources)
+    _, _, ranker = load_parts(None, need_clip=True, clip_arch=clip_arch, **sources)
     with atomic_folder(out) as tmp:
         for part, src in sources.items():
-            shutil.copytree(src, os.path.join(tmp, part))
+            if os.path.isfile(src):  # an open_clip checkpoint file: the bundle holds the folder format
+                ranker.save_pretrained(os.path.join(tmp, part))
+            else:
+                shutil.copytree(src, os.path.join(tmp, part))
         if sampling:
             config_path = os.path.join(tmp, "bart_prior", "config.json")
             write_json(config_path, read_json(config_path) | {k: float(v) for k, v in sampling.items()})

@@ -50,14 +50,14 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, bundle: Optional[str] = None, vqgan: Optional[str] = None,
                         bart_prior: Optional[str] = None, clip_rank: Optional[str] = None,
-                        device: Optional[str] = None, load_clip: bool = True, *, prior: Optional[str] = None,
-                        clip: Optional[str] = None) -> "Pipeline":
+                        device: Optional[str] = None, load_clip: bool = True, *, clip_arch: Optional[str] = None,
+                        prior: Optional[str] = None, clip: Optional[str] = None) -> "Pipeline":
         """Load a bundle; ``vqgan``/``bart_prior``/``clip_rank`` folders override (or replace) its parts
-        (``prior``/``clip`` are their older names). ``load_clip=False`` skips the ranker (for ``rank=False``
-        generation)."""
+        (``prior``/``clip`` are their older names); ``clip_rank`` may be an open_clip checkpoint file of the
+        architecture ``clip_arch``. ``load_clip=False`` skips the ranker (for ``rank=False`` generation)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         v, p, c = load_parts(bundle, vqgan=vqgan, bart_prior=bart_prior or prior, clip_rank=clip_rank or clip,
-                             device=device, load_clip=load_clip)
+                             device=device, load_clip=load_clip, clip_arch=clip_arch)
         return cls(v, p, c, device=device)
 
     @torch.inference_mode()
