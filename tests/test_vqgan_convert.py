@@ -139,7 +139,7 @@ def test_min_dalle_detoker_decodes_as_min_dalle_and_exports_back(published, tmp_
     ours = {("embedding.weight" if k == "quantize.embedding.weight" else k): v for k, v in model.state_dict().items()}
     assert ours.keys() == det.state_dict().keys() and all(torch.equal(v, ours[k]) for k, v in det.state_dict().items())
 
-    rc, out, _ = _run(["--model", tmp_path / "m", "--to", "min-dalle", tmp_path / "export"], capsys)
+    rc, out, _ = _run(["--from", "folder", tmp_path / "m", "--to", "min-dalle", tmp_path / "export"], capsys)
     assert rc == 0 and out == f"wrote {tmp_path / 'export' / 'detoker.pt'}"
     back = _min_dalle_detokenizer_class()()
     back.load_state_dict(torch.load(tmp_path / "export" / "detoker.pt", weights_only=True))  # strict
@@ -176,7 +176,7 @@ def test_dalle_mini_vqgan_jax_folder_matches_the_same_tensors(published, tmp_pat
         expected = (z.pow(2).sum(1, keepdim=True) + book.pow(2).sum(1) - 2 * z @ book.t()).argmin(1)
     assert torch.equal(model.encode(x).flatten(), expected)
     # exported to min-dalle (which keeps eps 1e-5), it loads strictly; the difference is said
-    rc, out, _ = _run(["--model", tmp_path / "d", "--to", "min-dalle", tmp_path / "x.pt"], capsys)
+    rc, out, _ = _run(["--from", "folder", tmp_path / "d", "--to", "min-dalle", tmp_path / "x.pt"], capsys)
     assert rc == 0 and "eps 1e-5" in out
     _min_dalle_detokenizer_class()().load_state_dict(torch.load(tmp_path / "x.pt", weights_only=True))
 
@@ -187,7 +187,7 @@ def test_a_model_of_this_project_exports_to_min_dalle(tmp_path, capsys):
     model = VQGAN(preset("f16-16384", encoder=False, norm_eps=1e-5, codebook_dim=8, l2_norm_codes=True)).eval()
     _perturb_norms(model, torch.Generator().manual_seed(0))
     model.save_pretrained(str(tmp_path / "m"))
-    assert _run(["--model", tmp_path / "m", "--to", "min-dalle", tmp_path / "out"], capsys)[0] == 0
+    assert _run(["--from", "folder", tmp_path / "m", "--to", "min-dalle", tmp_path / "out"], capsys)[0] == 0
     det = _min_dalle_detokenizer_class()()
     det.load_state_dict(torch.load(tmp_path / "out" / "detoker.pt", weights_only=True))
     codes = torch.randint(0, 16384, (1, 4, 4))
@@ -366,6 +366,6 @@ def test_taming_mismatch_names_the_tensor(taming, tmp_path, capsys):
 
 def test_export_refuses_another_size(tmp_path, capsys):
     VQGAN(preset("tiny")).save_pretrained(str(tmp_path / "m"))
-    rc, _, err = _run(["--model", tmp_path / "m", "--to", "min-dalle", tmp_path / "out"], capsys)
+    rc, _, err = _run(["--from", "folder", tmp_path / "m", "--to", "min-dalle", tmp_path / "out"], capsys)
     assert rc == 2 and len(err.splitlines()) == 1 and "f16-16384" in err
     assert not (tmp_path / "out").exists()

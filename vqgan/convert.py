@@ -4,9 +4,10 @@ min-dalle.
     python -m vqgan.convert --from taming SRC [--config YAML] --out DIR
     python -m vqgan.convert --from dalle-mini SRC --out DIR
     python -m vqgan.convert --from min-dalle SRC --out DIR
-    python -m vqgan.convert --model DIR --to min-dalle OUT
+    python -m vqgan.convert --from folder DIR --to min-dalle OUT
 
-``--from FORMAT SRC`` writes DIR (config.json + model.safetensors) once every tensor of SRC has been checked:
+(the same form as ``python -m bart_prior.convert``). ``--from KIND SRC --out DIR`` writes DIR (config.json +
+model.safetensors) once every tensor of SRC has been checked:
 
 - taming: a VQModel ``.ckpt`` (weights under ``state_dict``), a bare state dict or ``.safetensors``, with the YAML
   it was trained with: ``--config``, else ``NAME.yaml`` beside it, the one ``.yaml`` in its folder, or taming's log
@@ -19,7 +20,7 @@ min-dalle.
   cannot encode images. Sizes from the tensors (the image size assumes dalle-mini's 16x16 token grid). Pixels in
   [0, 1], eps 1e-5 as in min-dalle.
 
-``--model DIR --to min-dalle OUT`` writes ``OUT/detoker.pt`` (OUT itself when it ends in ``.pt``), a state dict that
+``--from folder DIR --to min-dalle OUT`` writes ``OUT/detoker.pt`` (OUT itself when it ends in ``.pt``), a state dict that
 min-dalle 0.4.11's ``VQGanDetokenizer`` loads strictly. That class has one fixed size, taming's f16-16384 decoder.
 A [-1, 1] model's output convolution is rescaled to min-dalle's [0, 1]; a projected or L2-normalised codebook is
 written as the table of codes the decoder sees. min-dalle always normalises with eps 1e-5: a model made with 1e-6
@@ -370,17 +371,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     title, _, details = __doc__.partition("\n\n")
     ap = argparse.ArgumentParser(prog="python -m vqgan.convert", description=" ".join(title.split()), epilog=details,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("path", help="SRC (with --from) or OUT (with --to)")
-    ap.add_argument("--from", dest="fmt", choices=FORMATS, help="import SRC in this format into --out")
-    ap.add_argument("--out", help="the save_pretrained folder to write (with --from)")
+    ap.add_argument("--from", dest="source", nargs=2, metavar=("KIND", "SRC"), required=True,
+                    help=f"where the VQGAN is: {', '.join(FORMATS)} or folder (a save_pretrained folder)")
+    out = ap.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="the save_pretrained folder to write")
+    out.add_argument("--to", nargs=2, metavar=("KIND", "OUT"), help="export: min-dalle OUT (a folder or a .pt file)")
     ap.add_argument("--config", help="taming: the YAML the checkpoint was trained with (default: found beside it)")
     ap.add_argument("--trust-pickle", action="store_true", help="taming: allow other pickled objects in the .ckpt")
-    ap.add_argument("--to", choices=("min-dalle",), help="export the save_pretrained folder --model to OUT")
-    ap.add_argument("--model", help="the save_pretrained folder to export (with --to)")
     args = ap.parse_args(argv)
-    if bool(args.fmt) == bool(args.to) or (args.fmt and not args.out) or (args.to and not args.model):
-        ap.error("use either --from FORMAT SRC --out DIR or --model DIR --to min-dalle OUT")
-    return run_conversion(args)
+    kind, src = args.source
+    if kind not in (*FORMATS, "folder"):
+        ap.error(f"--from {kind}: choose one of {', '.join(FORMATS)}, folder")
+    if (kind == "folder") != bool(args.to) or (args.to and args.to[0] != "min-dalle"):
+        ap.error("use --from taming|dalle-mini|min-dalle SRC --out DIR, or --from folder DIR --to min-dalle OUT")
+    if args.to:  # run_conversion's export form: the folder to export and where to write
+        return run_conversion(argparse.Namespace(to="min-dalle", model=src, path=args.to[1]))
+    return run_conversion(argparse.Namespace(to=None, fmt=kind, path=src, out=args.out, config=args.config,
+                                             trust_pickle=args.trust_pickle))
 
 
 def run_conversion(args: argparse.Namespace) -> int:
