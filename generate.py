@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -23,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", help="folder with vqgan/, bart_prior/, clip_rank/")
     p.add_argument("--vqgan", help="override the bundle's VQGAN folder")
     p.add_argument("--bart-prior", "--prior", dest="bart_prior", help="override the bundle's prior folder")
-    p.add_argument("--clip-rank", "--clip", dest="clip_rank", help="override the bundle's CLIP folder")
+    p.add_argument("--clip-rank", "--clip", dest="clip_rank",
+                   help="override the bundle's CLIP: an open_clip folder, or a checkpoint file with --clip-arch")
+    p.add_argument("--clip-arch", help="the open_clip architecture of a --clip-rank checkpoint file, e.g. ViT-B-32")
     p.add_argument("--candidates", type=int, default=16)
     p.add_argument("--keep", type=int, default=4)
     p.add_argument("--condition-scale", type=float, default=None, help="default: the prior's own (set at training)")
@@ -44,23 +48,62 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from core.errors import UserError
+
+    problem = _check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning  # a prompt's warning (empty, truncated): one line naming it
+            return _generate(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an output file that cannot be written: a full disk, no permission
+        from data.errors import os_error
+
+        print(f"error: {os_error(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from tqdm import tqdm
+
+    # through tqdm: on a line of its own, not inside the progress bar
+    tqdm.write(f"warning: {str(message).splitlines()[0] if str(message) else category.__name__}", file=sys.stderr)
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    """The first command-line value out of range, as one line; None when all are usable."""
+    for flag, value, least in (("--candidates", args.candidates, 1), ("--keep", args.keep, 1),
+                               ("--batch-size", args.batch_size, 1), ("--rank-shifts", args.rank_shifts, 0),
+                               ("--top-k", args.top_k, 1)):
+        if value is not None and value < least:
+            return f"{flag} must be at least {least}, got {value}"
+    if args.keep > args.candidates:
+        return f"--keep {args.keep} is more than --candidates {args.candidates}"
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        return f"--top-p must be in (0, 1], got {args.top_p}"
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        return f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"
+    if args.condition_scale is not None and not math.isfinite(args.condition_scale):
+        return f"--condition-scale must be a finite number, got {args.condition_scale}"
+    from data.errors import blocking_file
+
+    blocking = blocking_file(args.out)
+    if blocking:
+        return f"--out {args.out}: {blocking} is a file, not a folder"
+    return None
+
+
+def _generate(args: argparse.Namespace) -> int:
     from core.files import write_json
     from pipeline import Pipeline, make_grid, save_png
 
-    for flag, value, least in (("--candidates", args.candidates, 1), ("--keep", args.keep, 1),
-                               ("--batch-size", args.batch_size, 1), ("--rank-shifts", args.rank_shifts, 0)):
-        if value < least:
-            print(f"error: {flag} must be at least {least}, got {value}", file=sys.stderr)
-            return 2
-    if args.keep > args.candidates:
-        print(f"error: --keep {args.keep} is more than --candidates {args.candidates}", file=sys.stderr)
-        return 2
-    try:
-        pipe = Pipeline.from_pretrained(args.bundle, vqgan=args.vqgan, bart_prior=args.bart_prior,
-                                        clip_rank=args.clip_rank, device=args.device, load_clip=not args.no_rank)
-    except (UserError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    pipe = Pipeline.from_pretrained(args.bundle, vqgan=args.vqgan, bart_prior=args.bart_prior,
+                                    clip_rank=args.clip_rank, device=args.device, load_clip=not args.no_rank,
+                                    clip_arch=args.clip_arch)
     rank = not args.no_rank and pipe.ranker is not None
     if not args.no_rank and not rank:
         print("error: no CLIP part in the bundle: pass --clip-rank DIR or --no-rank", file=sys.stderr)

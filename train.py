@@ -42,11 +42,23 @@ def _bundle_parser() -> argparse.ArgumentParser:
     p.add_argument("--vqgan", required=True, help="a VQGAN save_pretrained folder")
     p.add_argument("--bart-prior", "--prior", dest="bart_prior", required=True,
                    help="a BartPrior save_pretrained folder")
-    p.add_argument("--clip-rank", "--clip", dest="clip_rank", required=True, help="a CLIP (open_clip) folder")
+    p.add_argument("--clip-rank", "--clip", dest="clip_rank", required=True,
+                   help="a CLIP: an open_clip folder, or an open_clip checkpoint file with --clip-arch")
+    p.add_argument("--clip-arch", help="the open_clip architecture of a --clip-rank checkpoint file, e.g. ViT-B-32")
     p.add_argument("--condition-scale", type=float, help="store this sampling default in the bundle's prior")
     p.add_argument("--temperature", type=float, help="store this sampling default in the bundle's prior")
     p.add_argument("--out", required=True)
     return p
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of a user error; one raised in a DataLoader worker arrives wrapped with the worker's traceback,
+    whose last line is the original message."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,10 +70,16 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["bundle"]:
             from pipeline.bundle import assemble_bundle
 
+            from data.errors import blocking_file
+
             a = _bundle_parser().parse_args(argv[1:])
+            blocking = blocking_file(a.out)
+            if blocking:
+                print(f"error: --out {a.out}: {blocking} is a file, not a folder", file=sys.stderr)
+                return 2
             sampling = {k: v for k, v in (("condition_scale", a.condition_scale), ("temperature", a.temperature))
                         if v is not None}
-            print(assemble_bundle(a.vqgan, a.bart_prior, a.clip_rank, a.out, sampling=sampling))
+            print(assemble_bundle(a.vqgan, a.bart_prior, a.clip_rank, a.out, sampling=sampling, clip_arch=a.clip_arch))
             return 0
         args = _train_parser().parse_intermixed_args(argv)
         args.component = canonical_name(args.component)
@@ -70,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         from launch.train import run_training
 
         result = run_training(args.component, args.config, args.overrides)
-    except (UserError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file that cannot be read or written: --out under a regular file, a full disk...
+        from data.errors import os_error
+
+        print(f"error: {os_error(exc)}", file=sys.stderr)
         return 2
     if result.export_dir is None:
         print(f"stopped for requeue; the job resumes from {result.run.root}", file=sys.stderr)
@@ -85,7 +108,7 @@ def _slurm(args: argparse.Namespace) -> int:
     from launch.slurm import SlurmOptions, render_sbatch, submit
     from launch.train import resolve_config
 
-    cfg = resolve_config(args.component, args.config, args.overrides)
+    cfg = resolve_config(args.component, args.config, args.overrides, check_files=False)  # checked when the job starts
     run, _ = prepare_run(cfg)
     opts = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
                         time=args.time, partition=args.partition, account=args.account)

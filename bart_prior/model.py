@@ -7,7 +7,6 @@ and a bias-free output head that is not tied to anything (DALL·E Mini's layout)
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -18,8 +17,9 @@ from torch import nn
 from transformers import BartConfig
 from transformers.models.bart.modeling_bart import BartDecoder, BartEncoder
 
-from core.configs import model_preset
+from core.configs import check_field_types, model_preset
 from core.errors import ConfigError
+from core.files import load_safetensors, read_json
 
 
 class PriorConfigError(ConfigError):
@@ -107,6 +107,7 @@ class PriorConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise PriorConfigError(f"{source}: unknown model config keys: {', '.join(unknown)}")
+        check_field_types(cls, values, source, PriorConfigError)
         cfg = cls(**values)
         cfg.grid = [int(g) for g in cfg.grid]
         return cfg
@@ -123,16 +124,12 @@ def preset(name: str, **overrides: Any) -> PriorConfig:
 
 
 def _read_pretrained_bart(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
     cfg_path, weights = os.path.join(folder, "config.json"), os.path.join(folder, "model.safetensors")
     if not os.path.isdir(folder) or not os.path.isfile(cfg_path) or not os.path.isfile(weights):
         raise PriorConfigError(f"model.text_encoder_from: no BART checkpoint at {folder} (need config.json and "
                                "model.safetensors, e.g. from BartModel.save_pretrained); set it to null to train "
                                "the text encoder from scratch")
-    with open(cfg_path) as fh:
-        hf = json.load(fh)
-    return hf, load_file(weights)
+    return read_json(cfg_path), load_safetensors(weights)
 
 
 def resolve_text_encoder(cfg: PriorConfig) -> PriorConfig:

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from typing import Sequence
 
 import torch
 
 from core.errors import ConfigError
+from core.files import read_json
 
 
 class CodeShardMismatch(ConfigError):
@@ -20,8 +20,7 @@ def _manifest(urls: list[str]) -> tuple[str, dict] | None:
     folder = os.path.dirname(os.path.abspath(urls[0]))
     for path in (os.path.join(folder, "manifest.json"), os.path.join(os.path.dirname(folder), "manifest.json")):
         if os.path.isfile(path):
-            with open(path) as fh:
-                return path, json.load(fh)
+            return path, read_json(path)
     return None
 
 

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Iterable, Iterator
 
-from core.errors import ConfigError
+from core.errors import ConfigError, UserError
 from core.files import atomic_folder
 
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -23,17 +23,11 @@ class TokenizerError(ConfigError):
 
 
 def iter_captions(pattern: str, caption_key: str = "txt") -> Iterator[str]:
-    """Captions of a shard set in file order; only the caption members are decoded (images are skipped)."""
-    import webdataset as wds
+    """Captions of a shard set in file order, decoded as training decodes them (a caption that is not UTF-8 is
+    skipped and counted); only the caption members are decoded (images are skipped)."""
+    from data import iter_captions as shared
 
-    from data import expand_pattern
-
-    urls = expand_pattern(pattern)
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-    for sample in dataset:
-        raw = sample.get(caption_key)
-        if raw is not None:
-            yield raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    return shared(pattern, caption_key)
 
 
 def train_tokenizer(captions: Iterable[str], vocab_size: int, out_dir: str, lowercase: bool = True,
@@ -113,6 +107,18 @@ def load_tokenizer(dir_or_name: str, min_vocab: int = 0):
     if not os.path.isdir(dir_or_name):
         raise TokenizerError(f"tokenizer folder not found: {dir_or_name} (train one with "
                              f"`python -m bart_prior.tokenizer train --input PATTERN --vocab-size N --out DIR`)")
+    from core.files import read_json
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"):
+        path = os.path.join(dir_or_name, name)
+        if os.path.exists(path):
+            read_json(path)  # one line naming the file when it is not JSON
+    if not any(os.path.exists(os.path.join(dir_or_name, n)) for n in ("tokenizer.json", "vocab.json")):
+        raise TokenizerError(f"{dir_or_name}: no tokenizer.json (nor vocab.json + merges.txt): not a tokenizer "
+                             "folder, or one with a file missing")
+    if not os.path.exists(os.path.join(dir_or_name, "tokenizer_config.json")):
+        raise TokenizerError(f"{dir_or_name}: no tokenizer_config.json (it names <s>, </s> and <pad>); save the "
+                             "tokenizer again with save_pretrained")
     try:
         tok = AutoTokenizer.from_pretrained(dir_or_name, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -141,8 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tok = train_tokenizer(iter_captions(args.input, args.caption_key), args.vocab_size, args.out,
                               lowercase=not args.no_lowercase, min_frequency=args.min_frequency)
-    except TokenizerError as exc:
+    except UserError as exc:  # TokenizerError, and DataError from the shard pattern
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # --out under a regular file, a full disk...
+        from data.errors import os_error
+
+        print(f"error: {os_error(exc)}", file=sys.stderr)
         return 2
     print(f"{args.out}: {len(tok)} tokens")
     return 0

@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -20,8 +21,8 @@ from open_clip.push_to_hf_hub import save_config_for_hf
 from safetensors.torch import save_file
 
 from clip_rank.model import ClipModel
-from core.errors import ConfigError
-from core.files import atomic_folder, check_safetensors, read_json, require_files
+from core.errors import ConfigError, ModelFolderError
+from core.files import atomic_folder, check_safetensors, check_state, load_safetensors, read_json, require_files
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -126,8 +127,7 @@ def build_clip(name: Optional[str] = None, arch: Optional[dict] = None, pretrain
     with tempfile.TemporaryDirectory(prefix="clip_arch_") as tmp:
         if kind == "dir":
             source = f"{LOCAL_DIR}{path}"
-            with open(os.path.join(path, CONFIG_NAME), encoding="utf-8") as fh:
-                base_cfg = json.load(fh).get("model_cfg")
+            base_cfg = read_json(os.path.join(path, CONFIG_NAME)).get("model_cfg")
             if not base_cfg:
                 raise ConfigError(f"{os.path.join(path, CONFIG_NAME)}: no 'model_cfg' section")
         elif arch:
@@ -155,13 +155,16 @@ def build_clip(name: Optional[str] = None, arch: Optional[dict] = None, pretrain
         quiet = _QuietScratch()
         if kind != "dir":
             logging.getLogger().addFilter(quiet)
+        clip = None
         try:
-            clip = open_clip.create_model(source, **kwargs)
+            # weights_only: a .bin/.pt/.pth checkpoint is read without unpickling code objects, whoever wrote it
+            clip = open_clip.create_model(source, weights_only=True, **kwargs)
             if kind == "file":
-                open_clip.load_checkpoint(clip, path, strict=True)
+                open_clip.load_checkpoint(clip, path, strict=True, weights_only=True)
             tokenizer = open_clip.get_tokenizer(source, context_length=context_length or None)
-        except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-            detail = str(exc).splitlines()[0][:300]
+        except Exception as exc:  # open_clip, torch.load, safetensors and pickle raise many types for bad files
+            _explain_weights(kind, path, clip, kwargs, tmp)
+            detail = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
             label = path if kind == "dir" else (name or "custom architecture")
             where = f" with weights from '{path}'" if kind == "file" else ""
             raise ConfigError(f"cannot build CLIP '{label}'{where}: {detail}") from None
@@ -170,6 +173,45 @@ def build_clip(name: Optional[str] = None, arch: Optional[dict] = None, pretrain
     model_cfg = _apply_overrides(base_cfg, image_size, context_length)
     preprocess_cfg = copy.deepcopy(clip.visual.preprocess_cfg)
     return ClipModel(clip, tokenizer, model_cfg, preprocess_cfg)
+
+
+def _explain_weights(kind: str, path: Optional[str], clip: Any, kwargs: dict, tmp: str) -> None:
+    """After open_clip failed to load weights: ModelFolderError naming the first tensor of the weights file that is
+    missing, unexpected or mis-shaped for the configured architecture (e.g. an open_clip_config.json that contradicts
+    its safetensors), when that is the cause; returns quietly otherwise."""
+    try:
+        if kind == "dir":
+            weights = os.path.join(path, WEIGHTS_NAME)
+            if not os.path.isfile(weights):
+                return
+            bare = os.path.join(tmp, "config_only")  # the folder's architecture without its weights
+            os.makedirs(bare, exist_ok=True)
+            shutil.copy(os.path.join(path, CONFIG_NAME), os.path.join(bare, CONFIG_NAME))
+            quiet = _QuietScratch()
+            logging.getLogger().addFilter(quiet)
+            try:
+                clip = open_clip.create_model(f"{LOCAL_DIR}{bare}", weights_only=True, **kwargs)
+            finally:
+                logging.getLogger().removeFilter(quiet)
+        elif kind == "file" and clip is not None:
+            weights = path
+        else:
+            return
+        if weights.endswith(".safetensors"):
+            state = load_safetensors(weights)
+        else:
+            import torch
+
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            return
+        state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+    except ModelFolderError:
+        raise
+    except Exception:  # the weights cannot even be read: the caller's message says why
+        return
+    check_state(clip, state, source=weights)
 
 
 def load_clip(folder: str) -> ClipModel:

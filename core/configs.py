@@ -3,7 +3,10 @@ named model size (``vqgan.preset("shapes")`` is the ``model:`` section of config
 sizes are written in one place, the configs."""
 from __future__ import annotations
 
+import collections.abc
 import os
+import types
+import typing
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -60,3 +63,39 @@ def model_preset(stage: str, name: str) -> dict:
         if "model" in part:
             merged = OmegaConf.merge(merged, part.model)
     return OmegaConf.to_container(merged, resolve=True)
+
+
+def _fits(value: object, tp: object) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin in (list, tuple) or tp in (list, tuple):  # a JSON list, or an omegaconf ListConfig
+        if not isinstance(value, collections.abc.Sequence) or isinstance(value, (str, bytes)):
+            return False
+        return all(_fits(v, args[0]) for v in value) if args else True
+    if origin is dict or tp is dict:
+        return isinstance(value, collections.abc.Mapping)
+    return True
+
+
+def check_field_types(cls: type, values: dict, source: str, error: type[Exception] = ConfigError) -> None:
+    """``error`` naming the first key of ``values`` whose value does not have the type of ``cls``'s field of that
+    name (a model folder's config.json read into a dataclass: int, float, bool, str, lists of them, Optional)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key in hints and not _fits(value, hints[key]):
+            tp = hints[key]
+            expected = str(tp).replace("typing.", "") if typing.get_args(tp) else getattr(tp, "__name__", str(tp))
+            raise error(f"{source}: '{key}' is {value!r}, expected {expected}")

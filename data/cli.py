@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from data.errors import DataError
+from core.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,10 +44,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    from data.errors import os_error
     from data.prepare import inspect_shards, prepare_emoji, prepare_folder, prepare_shapes  # after argparse
 
     def progress(msg: str) -> None:
         print(f"wrote {msg}", file=sys.stderr)
+
+    def skipped(msg: str) -> None:
+        print(f"skipped {msg}", file=sys.stderr)
 
     try:
         if args.command == "inspect":
@@ -63,9 +67,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       "skipped": m["skipped"], "splits": m["splits"]}
         else:
             result = prepare_folder(args.src, args.out, captions=args.captions, shard_size=args.shard_size,
-                                    progress=progress)
-    except DataError as exc:
+                                    progress=progress, skipped=skipped)
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an output folder under a regular file, a full disk, a folder without permission...
+        print(f"error: {os_error(exc)}", file=sys.stderr)
         return 2
     print(json.dumps(result, sort_keys=True))
     return 0

@@ -27,10 +27,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, get_worker_info
 
-from data.config import DataConfig
+from data.config import DataConfig, check_values
 from data.decode import SKIP_KINDS, SampleDecoder, SkipCounter, SkipTally, collate
 from data.errors import DataError
-from data.shards import count_samples, expand_pattern, read_stages
+from data.shards import _is_url, count_samples, expand_pattern, read_stages
 
 
 def _worker() -> tuple[int, int]:
@@ -120,6 +120,35 @@ class _EpochLimit:
         yield from islice(src, max(0, n))
 
 
+class _Decode:
+    """The decoding stage: raw samples -> decoded ones, corrupt ones skipped (and counted by the decoder).
+
+    An endless (resampled) stream in which nothing decodes would never yield a batch, and the run would wait forever.
+    Shards are drawn with replacement, so a set with g good samples out of n shows a run of more than ``20 n``
+    skipped samples in a row with probability about exp(-20 g): after that many, this stage stops the run with a
+    DataError instead (``samples``: the set's size, None when unknown, e.g. remote shards: no check)."""
+
+    RUN_FACTOR = 20
+
+    def __init__(self, decoder: SampleDecoder, samples: Optional[int], endless: bool):
+        self.decoder = decoder
+        self.limit = self.RUN_FACTOR * samples if endless and samples else None
+
+    def __call__(self, src):
+        failed = 0
+        for sample in src:
+            out = self.decoder(sample)
+            if out is not None:
+                failed = 0
+                yield out
+                continue
+            failed += 1
+            if self.limit is not None and failed > self.limit:
+                totals = ", ".join(f"{n} {k}" for k, n in self.decoder.counter.totals.items() if n)
+                raise DataError(f"no sample of data.train decodes: {failed} skipped in a row in a set of "
+                                f"{self.limit // self.RUN_FACTOR} ({totals}); check it with `python -m data inspect`")
+
+
 class _Collate:
     def __init__(self, counter: SkipCounter):
         self.counter = counter
@@ -135,21 +164,21 @@ class ShardDataModule(pl.LightningDataModule):
     0/1; pass them explicitly to build the loader of one rank of a simulated job.
     """
 
-    def __init__(self, cfg: DataConfig, rank: Optional[int] = None, world_size: Optional[int] = None):
+    def __init__(self, cfg: DataConfig, rank: Optional[int] = None, world_size: Optional[int] = None,
+                 codebook_size: Optional[int] = None, grid: Optional[tuple[int, int]] = None):
+        """``codebook_size``, ``grid`` (codes mode): code samples with ids outside the codebook or another grid
+        are skipped and counted (``data/skipped_codes``) instead of reaching the model."""
         super().__init__()
         self.cfg = cfg
         self._rank, self._world = rank, world_size
+        self._codes_spec = (codebook_size, tuple(grid) if grid is not None else None)
         self.tally = SkipTally()
         # the train position (epoch, batches consumed in it): saved in checkpoints, restored before the loaders
         self.position = {"epoch": 0, "batches": 0}
         self._resume_from: Optional[dict[str, int]] = None
-        if cfg.mode not in ("images", "codes"):
-            raise DataError(f"data.mode must be 'images' or 'codes', got '{cfg.mode}'")
-        for name in ("batch_size", "image_size"):
-            if int(getattr(cfg, name)) < 1:
-                raise DataError(f"data.{name} must be >= 1, got {getattr(cfg, name)}")
-        if cfg.num_workers < 0 or cfg.shuffle_buffer < 0:
-            raise DataError("data.num_workers and data.shuffle_buffer must be >= 0")
+        # the train pipeline's skip counter when it runs in this process (num_workers 0), for the empty-epoch check
+        self._train_counter: Optional[SkipCounter] = None
+        check_values(cfg)
 
     # ---- distribution -------------------------------------------------------------------------------------
     def rank_world(self) -> tuple[int, int]:
@@ -166,7 +195,8 @@ class ShardDataModule(pl.LightningDataModule):
     def _decoder(self, train: bool, counter: SkipCounter) -> SampleDecoder:
         c = self.cfg
         return SampleDecoder(c.mode, c.image_size, caption_key=c.caption_key, train=train,
-                             random_crop=c.random_crop, random_flip=c.random_flip, counter=counter)
+                             random_crop=c.random_crop, random_flip=c.random_flip, counter=counter,
+                             codebook_size=self._codes_spec[0], grid=self._codes_spec[1])
 
     def steps_per_epoch(self) -> Optional[int]:
         """Batches per rank per epoch in resampled mode (None otherwise: it depends on the shard split)."""
@@ -177,6 +207,12 @@ class ShardDataModule(pl.LightningDataModule):
         per_rank = max(1, samples // (world * self.cfg.batch_size))
         return math.ceil(per_rank / self._readers) * self._readers
 
+    def _set_size(self, urls: list[str]) -> Optional[int]:
+        """Resampled mode: the train set's size (tar headers; data.epoch_samples for remote shards), else None."""
+        if not self.cfg.resampled:
+            return None
+        return self.cfg.epoch_samples if any(_is_url(u) for u in urls) else count_samples(urls)
+
     # ---- datasets -----------------------------------------------------------------------------------------
     def train_dataset(self) -> wds.DataPipeline:
         c = self.cfg
@@ -184,6 +220,7 @@ class ShardDataModule(pl.LightningDataModule):
         rank, world = self.rank_world()
         seed = int(c.seed)
         counter = SkipCounter()
+        self._train_counter = counter
         if c.resampled:
             stages: list = [wds.ResampledShards(urls, seed=seed, worker_seed=_WorkerSeed(rank), deterministic=True)]
         else:
@@ -208,7 +245,7 @@ class ShardDataModule(pl.LightningDataModule):
                     stage.epoch = self._resume_from["epoch"] - 1
             skip = _SkipOnce(self._resume_from["batches"], c.batch_size)
             stages.append(skip)
-        stages += [wds.map(self._decoder(True, counter)),
+        stages += [_Decode(self._decoder(True, counter), self._set_size(urls), endless=c.resampled),
                    wds.batched(c.batch_size, collation_fn=_Collate(counter), partial=not c.drop_last)]
         if c.resampled:
             steps = self.steps_per_epoch()
@@ -273,9 +310,33 @@ class ShardDataModule(pl.LightningDataModule):
             if kind in self.tally.totals:
                 self.tally.totals[kind] = n
 
+    def check_epoch_end(self, epoch: int) -> None:
+        """DataError when training epoch ``epoch`` gave no batch at all: Lightning would start the next (as empty)
+        epoch forever. Happens when fewer samples than one batch decode, e.g. after corrupt ones are skipped, with
+        data.drop_last, or when each loader worker's shards hold fewer than a batch."""
+        if self.position["epoch"] == epoch and self.position["batches"] > 0:
+            return
+        if self._train_counter is not None and self.cfg.num_workers == 0:
+            self.tally.add(self._train_counter.take())  # what this process skipped, counted though no batch came
+        skipped = ", ".join(f"{n} {kind}" for kind, n in self.tally.totals.items() if n)
+        c = self.cfg
+        why = " with data.drop_last=true" if c.drop_last else ""
+        if c.drop_last and c.num_workers > 1:
+            why += f" ({c.num_workers} loader workers, each batching the whole shards it reads)"
+        raise DataError(f"an epoch of data.train ({c.train}) gave no batch of data.batch_size={c.batch_size}{why}"
+                        + (f"; samples skipped as corrupt: {skipped}" if skipped else "")
+                        + ": lower data.batch_size, set data.drop_last=false or data.resampled=true, or check the "
+                        "set with `python -m data inspect`")
+
 
 class SkippedSamplesLogger(pl.Callback):
-    """Logs ``data/skipped_<kind>`` (cumulative, summed over ranks) every ``log_every_n_steps`` training steps."""
+    """Logs ``data/skipped_<kind>`` (cumulative, summed over ranks) every ``log_every_n_steps`` training steps, and
+    stops a run whose training epoch gave no batch (:meth:`ShardDataModule.check_epoch_end`)."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if isinstance(datamodule, ShardDataModule):
+            datamodule.check_epoch_end(trainer.current_epoch)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -129,9 +129,37 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
+def decode_caption(raw: Any) -> str:
+    """Caption bytes -> text: UTF-8 (a leading byte-order mark dropped), surrounding white space stripped.
+
+    The one caption decoder of the project: training, ``python -m data prepare|inspect`` and the tokenizer trainer
+    read captions through it, so they agree on which captions are usable. Bytes that are not UTF-8 raise
+    :class:`DataError` saying where the first bad byte is; callers add which sample or file it was.
+    """
+    if isinstance(raw, str):
+        return raw.strip()
+    try:
+        return bytes(raw).decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"caption is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") from None
+
+
+def open_image(data: bytes) -> Image.Image:
+    """``Image.open`` on bytes that refuses images over PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``) already at
+    the header: PIL itself only warns below twice the limit and would then decode the whole image."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        raise Image.DecompressionBombError(f"image of {img.width}x{img.height} pixels is over PIL's limit of "
+                                           f"{limit} (Image.MAX_IMAGE_PIXELS): a decompression bomb or a wrong header")
+    return img
+
+
 def load_image(data: bytes, size: Optional[int] = None) -> Image.Image:
     """Decode image bytes to RGB. ``size`` lets JPEG decode at reduced scale (still >= size on both sides)."""
-    img = Image.open(io.BytesIO(data))
+    img = open_image(data)
     if size and img.format == "JPEG":
         img.draft("RGB", (size, size))
     img.load()
@@ -163,11 +191,18 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
     return arr.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def decode_codes(data: bytes) -> torch.Tensor:
-    """``.codes.npy`` bytes -> (h, w) LongTensor; a non-2D or non-integer array is a DataError."""
+def decode_codes(data: bytes, codebook_size: Optional[int] = None,
+                 grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """``.codes.npy`` bytes -> (h, w) LongTensor; a non-2D or non-integer array is a DataError, and so are ids
+    outside ``[0, codebook_size)`` or another grid than ``grid`` when they are given."""
     arr = np.load(io.BytesIO(data), allow_pickle=False)
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
         raise DataError(f"codes must be a 2-D integer array, got shape {arr.shape} dtype {arr.dtype}")
+    if grid is not None and tuple(arr.shape) != tuple(grid):
+        raise DataError(f"code grid {tuple(arr.shape)} is not the expected {tuple(grid)}")
+    if codebook_size is not None and arr.size and (int(arr.min()) < 0 or int(arr.max()) >= codebook_size):
+        raise DataError(f"code ids span [{int(arr.min())}, {int(arr.max())}], outside the codebook's "
+                        f"[0, {codebook_size})")
     return torch.from_numpy(arr.astype(np.int64))
 
 
@@ -175,10 +210,14 @@ class SampleDecoder:
     """Raw webdataset sample -> ``{"key", "caption", "image"|"codes"}``, or None (counted) when it is corrupt."""
 
     def __init__(self, mode: str, image_size: int = 64, caption_key: str = "txt", train: bool = False,
-                 random_crop: bool = False, random_flip: bool = False, counter: Optional[SkipCounter] = None):
+                 random_crop: bool = False, random_flip: bool = False, counter: Optional[SkipCounter] = None,
+                 codebook_size: Optional[int] = None, grid: Optional[tuple[int, int]] = None):
+        """``codebook_size``, ``grid`` (codes mode): samples with other ids or another grid are skipped (counted
+        as "codes") instead of reaching the model."""
         if mode not in ("images", "codes"):
             raise DataError(f"data.mode must be 'images' or 'codes', got '{mode}'")
         self.mode, self.image_size, self.caption_key = mode, image_size, caption_key
+        self.codebook_size, self.grid = codebook_size, (tuple(int(g) for g in grid) if grid is not None else None)
         self.random_crop, self.random_flip = train and random_crop, train and random_flip
         self.counter = counter or SkipCounter(warn=True)
 
@@ -190,16 +229,16 @@ class SampleDecoder:
             self.counter.skip("caption", f"no .{self.caption_key} for {where}")
             return None
         try:
-            caption = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            self.counter.skip("caption", f"caption of {where} is not utf-8")
+            caption = decode_caption(raw)
+        except DataError as exc:
+            self.counter.skip("caption", f"{where}: {exc}")
             return None
         if self.mode == "codes":
             if CODES_EXT not in sample:
                 self.counter.skip("missing", f"no .{CODES_EXT} for {where}")
                 return None
             try:
-                codes = decode_codes(sample[CODES_EXT])
+                codes = decode_codes(sample[CODES_EXT], self.codebook_size, self.grid)
             except Exception as exc:  # numpy raises several types for a damaged .npy
                 self.counter.skip("codes", f"{where}: {str(exc).splitlines()[0][:120]}")
                 return None
@@ -225,7 +264,10 @@ def collate(samples: list[dict[str, Any]], counter: Optional[SkipCounter] = None
     try:
         batch[field] = torch.stack([s[field] for s in samples])
     except RuntimeError:
-        shapes = sorted({tuple(s[field].shape) for s in samples})
+        first: dict[tuple, str] = {}
+        for s in samples:
+            first.setdefault(tuple(s[field].shape), s["key"])
+        shapes = ", ".join(f"{shape} (sample {key})" for shape, key in sorted(first.items()))
         raise DataError(f"samples in one batch have different {field} shapes: {shapes}") from None
     if counter is not None:
         batch["skipped"] = counter.take()

@@ -20,8 +20,9 @@ from typing import Any, Callable, Iterable, Optional
 from PIL import Image
 
 from data import emoji as emoji_set
-from data.decode import CODES_EXT, IMAGE_EXTS, SKIP_KINDS, SkipCounter, decode_codes, load_image
-from core.files import atomic_file
+from data.decode import (CODES_EXT, IMAGE_EXTS, SKIP_KINDS, SkipCounter, decode_caption, decode_codes, load_image,
+                         open_image, to_rgb)
+from core.files import atomic_file, read_json
 from data.errors import DataError
 from data.shapes import HELDOUT_SEED, all_combinations, heldout_combinations, make_sample, spec_dict
 from data.shards import ShardWriter, expand_pattern, read_stages, shard_name, write_empty_shard
@@ -73,8 +74,7 @@ def _refuse_other_settings(out: str, settings: dict, what: str) -> None:
     """A rerun must not mix shards made with other settings."""
     for path in (os.path.join(out, MANIFEST), os.path.join(out, PENDING)):
         if os.path.exists(path):
-            with open(path) as fh:
-                old = json.load(fh).get("settings")
+            old = read_json(path).get("settings")
             if old != settings:
                 raise DataError(f"{out} holds {what} made with other settings ({old}); choose another --out")
 
@@ -190,8 +190,16 @@ def _read_captions(path: str, src: str) -> dict[str, str]:
     """CSV (columns path,caption; a header naming them is optional) or JSONL ({"path", "caption"}) -> relpath->caption."""
     if not os.path.isfile(path):
         raise DataError(f"captions file not found: {path}")
+    with open(path, "rb") as raw:
+        data = raw.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); save the captions file as "
+                        "UTF-8") from None
     rows: list[tuple[str, str]] = []
-    with open(path, newline="", encoding="utf-8") as fh:
+    with io.StringIO(text, newline="") as fh:
         if path.lower().endswith((".jsonl", ".json")):
             for n, line in enumerate(fh, 1):
                 if line.strip():
@@ -231,52 +239,68 @@ def _image_member(path: str) -> tuple[str, bytes]:
     """(extension, bytes): JPEG/PNG/WebP stored as they are (after a decode check), others re-encoded as PNG."""
     with open(path, "rb") as fh:
         data = fh.read()
-    img = Image.open(io.BytesIO(data))
+    img = open_image(data)
     fmt = img.format
     img.load()
     if fmt in ("JPEG", "PNG", "WEBP"):
         return {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt], data
     buf = io.BytesIO()
-    (img if img.mode in ("RGB", "RGBA", "L", "LA") else img.convert("RGBA")).save(buf, format="PNG")
+    (img if img.mode in ("RGB", "RGBA", "L", "LA") else to_rgb(img)).save(buf, format="PNG")
     return "png", buf.getvalue()
 
 
 def prepare_folder(src: str, out: str, captions: Optional[str] = None, shard_size: int = 1000,
-                   progress: Progress = None) -> dict:
-    """Images under ``src`` with a same-stem ``.txt`` caption (or captions from a CSV/JSONL) -> shards in ``out``."""
+                   progress: Progress = None, skipped: Progress = None) -> dict:
+    """Images under ``src`` with a same-stem ``.txt`` caption (or captions from a CSV/JSONL) -> shards in ``out``.
+
+    An image that does not decode (or is over PIL's pixel limit) and a ``.txt`` caption that is not UTF-8 are
+    skipped: listed in the summary (``unreadable_images``, ``unreadable_captions``) and passed to ``skipped`` one
+    file at a time."""
     if not os.path.isdir(src):
         raise DataError(f"--src {src} is not a folder")
     table = _read_captions(captions, src) if captions else None
-    pairs, no_caption = [], 0
+    pairs, no_caption, bad_captions = [], 0, []
     for rel in _list_images(src):
         if table is not None:
             caption = table.get(os.path.normpath(rel))
         else:
-            txt = os.path.join(src, os.path.splitext(rel)[0] + ".txt")
+            txt_rel = os.path.splitext(rel)[0] + ".txt"
+            txt = os.path.join(src, txt_rel)
             caption = None
             if os.path.isfile(txt):
-                with open(txt, encoding="utf-8") as fh:
-                    caption = fh.read().strip()
+                with open(txt, "rb") as fh:
+                    raw = fh.read()
+                try:
+                    caption = decode_caption(raw)
+                except DataError as exc:  # skipped and counted, as training skips such a caption in a shard
+                    bad_captions.append(txt_rel)
+                    if skipped:
+                        skipped(f"{os.path.join(src, txt_rel)}: {exc}")
+                    continue
         if caption is None:
             no_caption += 1
         else:
             pairs.append((rel, caption))
     if not pairs:
-        raise DataError(f"no captioned image found under {src} ({no_caption} image(s) without caption)")
+        raise DataError(f"no captioned image found under {src} ({no_caption} image(s) without caption"
+                        + (f", {len(bad_captions)} caption(s) not UTF-8, e.g. {bad_captions[0]}" if bad_captions
+                           else "") + ")")
     bad: list[str] = []
 
     def make(j: int) -> Optional[dict]:
         rel, caption = pairs[j]
         try:
             ext, data = _image_member(os.path.join(src, rel))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             bad.append(rel)
+            if skipped:
+                skipped(f"{os.path.join(src, rel)}: {str(exc).splitlines()[0][:160] or type(exc).__name__}")
             return None
         return {"__key__": f"{j:09d}", ext: data, "txt": caption, "json": json.dumps({"source": rel})}
 
     names, written = _write_shards(out, len(pairs), shard_size, make, progress)
     return {"out": out, "shards": len(names), "shards_written": written, "samples": len(pairs) - len(bad),
-            "images_without_caption": no_caption, "unreadable_images": bad,
+            "images_without_caption": no_caption, "unreadable_images": bad, "unreadable_captions": bad_captions,
             "missing_images": sorted(set(table) - set(map(os.path.normpath, _list_images(src)))) if table else []}
 
 
@@ -287,41 +311,76 @@ def _tar_samples(url: str, counter: SkipCounter) -> Iterable[dict]:
     return wds.DataPipeline(wds.SimpleShardList([url]), *read_stages(counter))
 
 
+def _codes_manifest(urls: list[str]) -> tuple[Optional[int], Optional[tuple[int, int]]]:
+    """(codebook size, grid) from the manifest.json a VQGAN encoder writes beside code shards (or one folder up),
+    else (None, None)."""
+    if not urls or "://" in urls[0] or urls[0].startswith("pipe:"):
+        return None, None
+    folder = os.path.dirname(os.path.abspath(urls[0]))
+    for path in (os.path.join(folder, MANIFEST), os.path.join(os.path.dirname(folder), MANIFEST)):
+        if os.path.isfile(path):
+            man = read_json(path)
+            size, grid = man.get("codebook_size"), man.get("grid")
+            if isinstance(size, int) or (isinstance(grid, list) and len(grid) == 2):
+                return (size if isinstance(size, int) else None,
+                        tuple(int(g) for g in grid) if isinstance(grid, list) and len(grid) == 2 else None)
+    return None, None
+
+
 def inspect_shards(pattern: str, caption_key: str = "txt") -> dict:
-    """One summary dict of the shards matching ``pattern``: counts, extensions, corrupt and uncaptioned samples."""
+    """One summary dict of the shards matching ``pattern``: counts, extensions, corrupt and uncaptioned samples.
+
+    A sample is corrupt where training would skip it: a caption that is not UTF-8, an image that does not decode
+    (or is over PIL's pixel limit), an unreadable codes array (or, with a code-shard manifest.json beside the shards,
+    ids outside its codebook or another grid), or no image/codes member."""
     urls = expand_pattern(pattern)
+    codebook_size, grid = _codes_manifest(urls)
     counter = SkipCounter()
     exts: Counter = Counter()
     sizes: Counter = Counter()
     keys: Counter = Counter()
     samples = without_caption = 0
+    corrupt_samples = 0
+    examples: dict[str, str] = {}
     for url in urls:
         for sample in _tar_samples(url, counter):
             samples += 1
-            keys[sample["__key__"]] += 1
+            key = sample["__key__"]
+            keys[key] += 1
             fields = [k for k in sample if not k.startswith("__")]
             exts.update(fields)
+            problems = []  # (kind, detail): what training would skip this sample for
             if caption_key not in sample:
                 without_caption += 1
+            else:
+                try:
+                    decode_caption(sample[caption_key])
+                except DataError as exc:
+                    problems.append(("caption", str(exc)))
             image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
             if image_ext:
                 try:
                     img = load_image(sample[image_ext])
                     sizes[f"{img.width}x{img.height}"] += 1
                 except Exception as exc:  # PIL raises many types for damaged files
-                    counter.skip("image", f"{sample['__key__']}: {exc}")
+                    problems.append(("image", str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__))
             elif CODES_EXT in sample:
                 try:
-                    sizes["codes " + "x".join(map(str, decode_codes(sample[CODES_EXT]).shape))] += 1
+                    codes = decode_codes(sample[CODES_EXT], codebook_size, grid)
+                    sizes["codes " + "x".join(map(str, codes.shape))] += 1
                 except Exception as exc:
-                    counter.skip("codes", f"{sample['__key__']}: {exc}")
+                    problems.append(("codes", str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__))
             else:
-                counter.skip("missing", sample["__key__"])
-    corrupt = {k: counter.totals[k] for k in SKIP_KINDS if counter.totals[k] and k != "caption"}
+                problems.append(("missing", "no image or codes member"))
+            for kind, detail in problems:
+                counter.skip(kind, f"{key} in {url}: {detail}")
+                examples.setdefault(kind, f"{key} in {url}: {detail}")
+            corrupt_samples += bool(problems)
+    corrupt = {k: counter.totals[k] for k in SKIP_KINDS if counter.totals[k]}
     return {"pattern": pattern, "shards": len(urls), "samples": samples, "unique_keys": len(keys),
             "duplicate_keys": sum(1 for n in keys.values() if n > 1), "extensions": dict(sorted(exts.items())),
-            "sizes": dict(sizes.most_common(10)), "corrupt": corrupt,
-            "corrupt_samples": sum(v for k, v in corrupt.items() if k in ("image", "codes", "missing")),
+            "sizes": dict(sizes.most_common(10)), "corrupt": corrupt, "corrupt_samples": corrupt_samples,
+            "corrupt_examples": examples,
             "truncated_shards": counter.totals["truncated"], "unreadable_shards": counter.totals["shard"],
             "without_caption": without_caption}
 

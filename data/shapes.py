@@ -189,8 +189,9 @@ def load_manifest(path_or_dir: str) -> dict[str, Any]:
     path = os.path.join(path_or_dir, "manifest.json") if os.path.isdir(path_or_dir) else path_or_dir
     if not os.path.isfile(path):
         raise DataError(f"no shapes manifest at {path}: run `python -m data prepare shapes --out DIR` first")
-    with open(path) as fh:
-        return json.load(fh)
+    from core.files import read_json
+
+    return read_json(path)
 
 
 def val_prompts(manifest: Union[str, dict, None] = None, n_seen: int = 8, n_heldout: int = 8,

@@ -160,10 +160,13 @@ class ShardWriter:
             self._tar, self._file = None, None
 
 
-def count_samples(urls: list[str]) -> int:
-    """Number of samples (distinct keys) in local shards, from tar headers only."""
+def count_samples(urls: list[str], stop_at: Optional[int] = None) -> int:
+    """Number of samples (distinct keys) in local shards, from tar headers only; with ``stop_at``, counting stops at
+    the first shard that brings the total to ``stop_at`` or more (enough to know there are that many)."""
     total = 0
     for url in urls:
+        if stop_at is not None and total >= stop_at:
+            break
         if _is_url(url):
             raise DataError(f"cannot count the samples of '{url}': set data.epoch_samples explicitly")
         keys = set()
@@ -204,3 +207,23 @@ def iter_samples(pattern: str, mode: str = "images", image_size: int = 64,
         out = decoder(sample)
         if out is not None:
             yield out
+
+
+def iter_captions(pattern: str, caption_key: str = "txt") -> Iterator[str]:
+    """Captions of ``pattern`` in file order, decoded as training decodes them (:func:`data.decode.decode_caption`);
+    only the caption members are decoded. A caption that is not UTF-8 and a truncated or unreadable shard are
+    skipped and counted (one warning per kind), as in training and ``python -m data inspect``."""
+    import webdataset as wds
+
+    from data.decode import SkipCounter, decode_caption
+
+    counter = SkipCounter(warn=True)
+    source = wds.DataPipeline(wds.SimpleShardList(expand_pattern(pattern)), *read_stages(counter))
+    for sample in source:
+        raw = sample.get(caption_key)
+        if raw is None:
+            continue
+        try:
+            yield decode_caption(raw)
+        except DataError as exc:
+            counter.skip("caption", f"{sample.get('__key__', '?')} in {sample.get('__url__', '?')}: {exc}")

@@ -231,8 +231,11 @@ def _bundle_holds(out: str, sampling: dict[str, float]) -> bool:
     path = os.path.join(out, "bundle", "bundle.json")
     if not os.path.isfile(path):
         return False
-    with open(path) as fh:
-        return json.load(fh).get("sampling") == sampling
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh).get("sampling") == sampling
+    except (ValueError, AttributeError):  # a damaged bundle.json: the bundle is assembled again
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,3 +102,66 @@ def load_config(schema: type, path: Optional[str] = None, overrides: Sequence[st
 
 def to_yaml(cfg: DictConfig | ListConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+# trainer settings and the least value each takes (an unset optional one is not checked)
+_TRAINER_LEAST = {"max_steps": 1, "val_check_interval": 1, "log_every_n_steps": 1, "accumulate_grad_batches": 1,
+                  "checkpoint_every_n_steps": 1, "keep_checkpoints": -1, "num_nodes": 1, "limit_val_batches": 0,
+                  "num_sanity_val_steps": 0, "num_threads": 1}
+# model settings that are sizes or counts: zero is as impossible for them as a negative value (a zero-entry codebook,
+# a zero-wide layer); every other integer of a model section must only not be negative
+_MODEL_SIZES = {"num_codes", "codebook_size", "embed_dim", "codebook_dim", "resolution", "ch", "z_channels",
+                "norm_groups", "in_channels", "out_channels", "d_model", "attention_heads", "ffn_dim",
+                "max_text_length", "usage_window", "restart_every", "image_size", "patch_size", "width", "heads",
+                "head_width", "context_length", "vocab_size", "image_vocab_size", "text_vocab_size"}
+
+
+def _check_model_section(node: Any, path: str) -> None:
+    if isinstance(node, (DictConfig, dict)):
+        for key in node:
+            try:
+                value = node[key]
+            except OmegaConfBaseException:  # a missing value: reported by load_config
+                continue
+            _check_model_section(value, f"{path}.{key}")
+        return
+    if isinstance(node, (ListConfig, list, tuple)):
+        for i, value in enumerate(node):
+            _check_model_section(value, f"{path}[{i}]")
+        return
+    if isinstance(node, bool) or not isinstance(node, int):
+        return
+    name = path.rsplit(".", 1)[-1].split("[", 1)[0]
+    least = 1 if name in _MODEL_SIZES or "[" in path.rsplit(".", 1)[-1] else 0
+    if node < least:
+        raise ConfigError(f"{path} must be >= {least}, got {node}")
+
+
+def check_values(cfg: DictConfig) -> None:
+    """ConfigError naming the first setting out of range, before anything is built or written: the ``trainer``
+    section, the ``data`` section (data.config.check_values) and every integer of the ``model`` section (sizes and
+    counts >= 1, list entries >= 1, other integers >= 0), then the model config's own checks where it has them (a
+    ``check()`` method, or validation when the dataclass is built)."""
+    from data.config import check_values as check_data_values
+
+    tc = cfg.trainer
+    for name, least in _TRAINER_LEAST.items():
+        value = tc.get(name)
+        if value is not None and int(value) < least:
+            raise ConfigError(f"trainer.{name} must be >= {least}, got {value}")
+    if not (tc.devices == "auto" or (isinstance(tc.devices, int) and not isinstance(tc.devices, bool)
+                                     and tc.devices >= 1)):
+        raise ConfigError(f"trainer.devices must be 'auto' or >= 1, got {tc.devices!r}")
+    if tc.max_time is not None:
+        parts = str(tc.max_time).split(":")
+        if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+            raise ConfigError(f"trainer.max_time must be DD:HH:MM:SS, got '{tc.max_time}'")
+    check_data_values(cfg.data)
+    if "model" in cfg:
+        _check_model_section(cfg.model, "model")
+        try:
+            model = OmegaConf.to_object(cfg.model)
+        except (ValueError, TypeError, OmegaConfBaseException) as exc:
+            raise ConfigError(f"model: {str(exc).splitlines()[0]}") from None
+        if callable(getattr(model, "check", None)):
+            model.check()

@@ -44,7 +44,7 @@ class RunDir:
 
 def _loadable(path: str) -> bool:
     try:
-        torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return True
     except Exception as exc:  # a torn or corrupt file: zip errors, unpickling errors, EOF
         log.warning("checkpoint %s is unreadable (%s); trying an older one", path, str(exc).splitlines()[0][:120])

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from launch.components import get_component
-from launch.config import ConfigError, load_config
+from launch.config import ConfigError, check_values, load_config
 from core.hardware import check_attention
 from launch.requeue import SlurmRequeue
 from launch.run import RunDir, prepare_run
@@ -28,9 +28,21 @@ class RunResult:
     trainer: pl.Trainer
 
 
-def resolve_config(component: str, config_path: Optional[str], overrides: Sequence[str] = ()) -> DictConfig:
+def _world_size(cfg: DictConfig) -> int:
+    devices = cfg.trainer.devices
+    return (devices if isinstance(devices, int) else 1) * int(cfg.trainer.num_nodes)
+
+
+def resolve_config(component: str, config_path: Optional[str], overrides: Sequence[str] = (),
+                   check_files: bool = True) -> DictConfig:
+    """The run config of ``component``, checked before anything is built or written: keys and types (load_config),
+    value ranges (launch.config.check_values) and, with ``check_files``, that the data settings name shards that
+    hold at least one batch (data.config.check_data). Every problem is a one-line ConfigError / DataError."""
+    from data.config import check_data
+
     comp = get_component(component)
     cfg = load_config(comp.schema, config_path, overrides)
+    check_values(cfg)
     if cfg.data.mode != comp.data_mode:
         raise ConfigError(f"{config_path}: data.mode is '{cfg.data.mode}' but {component} reads '{comp.data_mode}'")
     if cfg.trainer.strategy == "fsdp" and comp.fsdp_unsupported:
@@ -39,6 +51,8 @@ def resolve_config(component: str, config_path: Optional[str], overrides: Sequen
         check_attention(cfg.trainer.attention)
     except ValueError as e:  # before the run folder exists
         raise ConfigError(str(e)) from None
+    if check_files:
+        check_data(cfg.data, world_size=_world_size(cfg))
     return cfg
 
 
@@ -58,13 +72,26 @@ def run_training(component: str, config_path: Optional[str], overrides: Sequence
         run.write_config(cfg)
         if ckpt:
             log.info("resuming from %s", ckpt)
-    datamodule = ShardDataModule(cfg.data)
+    datamodule = ShardDataModule(cfg.data, **_codes_spec(cfg))
     module = comp.build(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    # weights_only: a checkpoint is read as tensors and plain containers, never as pickled code; a sharded (FSDP)
+    # checkpoint folder is read by torch.distributed.checkpoint, which unpickles its .metadata (trusted: this run
+    # wrote it)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     if any(isinstance(cb, SlurmRequeue) and cb.requeued for cb in trainer.callbacks):
         return RunResult(run=run, export_dir=None, resumed_from=ckpt, trainer=trainer)
     export(module, trainer, run.export, rebuild=lambda: comp.build(cfg))
     return RunResult(run=run, export_dir=run.export, resumed_from=ckpt, trainer=trainer)
+
+
+def _codes_spec(cfg: DictConfig) -> dict:
+    """For a stage that reads code shards: the codebook size and token grid its model predicts (``model.codebook_size``
+    and ``model.grid``), so that a code sample that does not fit is skipped and counted instead of reaching the
+    model."""
+    model = cfg.get("model")
+    if cfg.data.mode != "codes" or model is None or "codebook_size" not in model or "grid" not in model:
+        return {}
+    return {"codebook_size": int(model.codebook_size), "grid": tuple(int(g) for g in model.grid)}
 
 
 def export(module: pl.LightningModule, trainer: pl.Trainer, out_dir: str,

@@ -57,7 +57,7 @@ def final_step(run_dir: str) -> int:
 
     path = find_resume_checkpoint(RunDir(run_dir))
     assert path is not None, f"no checkpoint in {run_dir}"
-    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
 
 
 def logged(run_dir: str, key: str) -> list[tuple[int, float]]:

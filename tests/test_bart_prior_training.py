@@ -147,7 +147,8 @@ def test_lr_schedule_shapes():
 def test_shipped_configs_fit_their_vqgan(repo_root, prior_cfg, vqgan_cfg):
     from launch.train import resolve_config
 
-    prior = resolve_config("bart_prior", os.path.join(repo_root, f"configs/bart_prior/{prior_cfg}.yaml"))
-    vq = resolve_config("vqgan", os.path.join(repo_root, f"configs/vqgan/{vqgan_cfg}.yaml")).model
+    prior = resolve_config("bart_prior", os.path.join(repo_root, f"configs/bart_prior/{prior_cfg}.yaml"),
+                           check_files=False)
+    vq = resolve_config("vqgan", os.path.join(repo_root, f"configs/vqgan/{vqgan_cfg}.yaml"), check_files=False).model
     side = vq.resolution // 2 ** (len(vq.ch_mult) - 1)
     assert prior.model.codebook_size == vq.num_codes and list(prior.model.grid) == [side, side]

@@ -63,7 +63,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 def test_gathered_loss_and_gradients_match_single_process(tmp_path):
     out = str(tmp_path / "ddp.pt")
     mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
-    ddp = torch.load(out)
+    ddp = torch.load(out, weights_only=True)
 
     module = _module()
     loss = module.training_step(square_batch(GLOBAL_BATCH), 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -23,8 +24,11 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path, capsys):
                  "bart_prior/export", "clip_rank/export", "bundle/vqgan", "report.json", "report.md", "grid.png"):
         assert (out / path).exists(), path
     report = json.load(open(out / "report.json"))
-    assert report["condition_scale"] in (1.0, 2.0) and report["temperature"] in (1.0, 0.7)
-    assert set(report["temperature_sweep"]) == {"1.0", "0.7"}
+    from demo.shapes import PRESETS
+
+    assert set(report["sweep"]) == {str(s) for s in PRESETS["tiny"].scales}
+    assert set(report["temperature_sweep"]) == {str(t) for t in PRESETS["tiny"].temperatures}
+    check_choice_and_report(report, (out / "report.md").read_text())
     # the chosen settings go into the bundle the demo assembles last; the export it was evaluated on is untouched
     prior_config = json.load(open(out / "bundle" / "bart_prior" / "config.json"))
     assert (prior_config["condition_scale"], prior_config["temperature"]) == (report["condition_scale"],
@@ -33,8 +37,6 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert json.load(open(out / "bundle" / "bundle.json"))["sampling"] == report["sampling"]
     exported = json.load(open(out / "bart_prior" / "export" / "config.json"))
     assert (exported["condition_scale"], exported["temperature"]) == (1.0, 1.0)  # PriorConfig's defaults
-    assert "python train.py bundle" in (out / "report.md").read_text()
-    assert set(report["sweep"]) == {"1.0", "2.0"}
     for split in ("seen", "held_out", "all"):
         s = report["sweep"]["1.0"][split]
         assert 0 <= s["random_all"] <= s["oracle_best_all"] <= 1 and s["clip_best_all"] <= s["oracle_best_all"]
@@ -46,13 +48,11 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert report["sweep"]["1.0"]["seen"]["prompts"] == 3 and report["sweep"]["1.0"]["held_out"]["prompts"] == 3
     assert report["reconstruction"]["images"] > 0 and report["reconstruction"]["psnr"] > 0
     assert report["prior"]["val/loss"] is not None and report["prior"]["val/caption_gain"] is not None
-    assert report["timings_s"]["report"] > 0 and "caption gain" in (out / "report.md").read_text()
+    assert report["timings_s"]["report"] > 0
     assert Image.open(out / "grid.png").size[0] > 32
     assert set(report["candidates_curve"]) == {"1", "2", "4"}  # tiny preset: 4 candidates
     assert report["candidates_curve"]["4"]["all"]["clip_best_all"] == report["chosen"]["all"]["clip_best_all"]
     # the chosen setting is ranked with the demo's shifted CLIP views, the sweeps with one view
-    from demo.shapes import PRESETS
-
     assert report["rank_shifts"] == PRESETS["tiny"].rank_shifts > 0
     assert report["chosen_one_view"] == report["temperature_sweep"][str(report["temperature"])]
     # two lanes side by side, one thread each (2 cores here): encode -> tokenizer -> prior, and CLIP; a log per stage
@@ -82,6 +82,62 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path, capsys):
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert rerun.stdout.count("done already") == 7
+
+
+def check_choice_and_report(report: dict, markdown: str) -> None:
+    """The demo's choice follows its rule and its report says what it measured: the chosen scale is the sweep's best
+    CLIP-ranked all-correct (the smaller scale on a tie), the chosen temperature the temperature sweep's best (the
+    higher on a tie); report.md is the rendering of report.json, and the bundle command it shows carries the chosen
+    settings."""
+    from demo.report_markdown import render
+
+    sweep, t_sweep = report["sweep"], report["temperature_sweep"]
+    best_scale = max(sweep, key=lambda s: (sweep[s]["all"]["clip_best_all"], -float(s)))
+    best_t = max(t_sweep, key=lambda t: (t_sweep[t]["all"]["clip_best_all"], float(t)))
+    assert (report["condition_scale"], report["temperature"]) == (float(best_scale), float(best_t))
+    assert report["sampling"] == {"condition_scale": float(best_scale), "temperature": float(best_t)}
+    assert markdown == render(report)
+    command = re.search(r"`python train\.py bundle \.\.\. (.*?) --out OUT/bundle`", markdown)
+    flags = command.group(1).split()
+    assert dict(zip(flags[::2], map(float, flags[1::2]))) == {"--condition-scale": float(best_scale),
+                                                              "--temperature": float(best_t)}
+
+
+def _summary(clip_best: float) -> dict:
+    keys = {f"{kind}_{a}": 0.5 for kind in ("clip_best", "random") for a in ("all", "background", "color", "shape",
+                                                                              "size", "position")}
+    return keys | {"prompts": 3, "clip_best_all": clip_best, "random_all": 0.25, "oracle_best_all": 1.0,
+                   "ranking_gain": clip_best - 0.25, "ranking_gain_lo": 0.0, "ranking_gain_hi": 0.5,
+                   "ranking_share": (clip_best - 0.25) / 0.75}
+
+
+def _report(scale_scores: dict[str, float], temperature_scores: dict[str, float], scale: float,
+            temperature: float) -> dict:
+    def split(score):
+        return {name: _summary(score) for name in ("seen", "held_out", "all")}
+
+    return {"condition_scale": scale, "temperature": temperature,
+            "sampling": {"condition_scale": scale, "temperature": temperature}, "rank_shifts": 1, "candidates": 4,
+            "chosen": split(0.5), "chosen_one_view": split(0.5),
+            "sweep": {s: split(v) for s, v in scale_scores.items()},
+            "temperature_sweep": {t: split(v) for t, v in temperature_scores.items()},
+            "candidates_curve": {}, "reconstruction": {"images": 4, "oracle_all_correct": 1.0, "psnr": 30.0,
+                                                       "codebook_usage": 0.5},
+            "prior": {"val/loss": 1.0, "val/caption_gain": 0.1}, "clip": {}, "timings_s": {}}
+
+
+def test_report_check_accepts_the_rule_and_catches_a_wrong_choice_or_a_stale_report():
+    from demo.report_markdown import render
+
+    good = _report({"1.0": 0.4, "2.0": 0.6, "3.0": 0.6}, {"1.0": 0.5, "0.7": 0.5}, scale=2.0, temperature=1.0)
+    check_choice_and_report(good, render(good))
+    for wrong in (dict(condition_scale=3.0), dict(condition_scale=1.0), dict(temperature=0.7)):
+        bad = good | wrong
+        bad["sampling"] = {k: bad[k] for k in ("condition_scale", "temperature")}
+        with pytest.raises(AssertionError):
+            check_choice_and_report(bad, render(bad))
+    with pytest.raises(AssertionError):  # a report.md left from another report.json
+        check_choice_and_report(good, render(good | {"temperature_sweep": {"1.0": good["sweep"]["1.0"]}}))
 
 
 def _prompt(best_correct: bool, correct: int, of: int = 4) -> dict:

@@ -1,5 +1,6 @@
 """Config loading: extends chains, overrides, and one-line errors that name the key and the file."""
 import os
+import re
 import textwrap
 
 import pytest
@@ -73,8 +74,34 @@ def test_missing_file_and_cycle(tmp_path):
         load_config(RunConfig, str(tmp_path / "a.yaml"))
 
 
-def test_shipped_trainer_configs_load(repo_root):
+def test_shipped_trainer_configs_pass_the_checks_and_build_their_strategy(repo_root):
+    """Every shipped trainer config passes the start-up checks and names a strategy build_strategy builds (a
+    misspelled one, e.g. 'dpp', is refused there)."""
+    from launch.config import check_values
+    from launch.trainer import build_strategy
+
     folder = os.path.join(repo_root, "configs", "trainer")
     for name in os.listdir(folder):
         cfg = load_config(RunConfig, os.path.join(folder, name))
-        assert cfg.trainer.strategy in ("auto", "ddp", "fsdp")
+        check_values(cfg)
+        strategy = build_strategy(cfg.trainer)
+        assert (strategy == "auto") == (cfg.trainer.strategy == "auto"), name
+    with pytest.raises(ConfigError, match="trainer.strategy must be auto, ddp or fsdp, got 'dpp'"):
+        build_strategy(load_config(RunConfig, None, ["trainer.strategy=dpp"]).trainer)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.max_steps=0", "trainer.max_steps must be >= 1, got 0"),
+    ("trainer.val_check_interval=-1", "trainer.val_check_interval must be >= 1"),
+    ("trainer.devices=0", "trainer.devices must be 'auto' or >= 1, got 0"),
+    ("trainer.max_time=ten minutes", "trainer.max_time must be DD:HH:MM:SS, got 'ten minutes'"),
+    ("data.val_batch_size=0", "data.val_batch_size must be >= 1, got 0"),
+    ("data.epoch_samples=0", "data.epoch_samples must be >= 1, got 0"),
+])
+def test_values_out_of_range_are_refused_with_their_key(override, message):
+    from core.errors import UserError
+    from launch.config import check_values
+
+    check_values(load_config(RunConfig, None, []))  # the defaults pass
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_values(load_config(RunConfig, None, [override]))

@@ -31,7 +31,7 @@ def train(component, strategy, devices, out, data):
                           *extra, *SETTINGS[component]], cwd=REPO, env=env(), capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    return torch.load(out / "state.pt")
+    return torch.load(out / "state.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("component", ["vqgan", "bart_prior", "clip"])

@@ -17,7 +17,7 @@ def run_toy(strategy, devices, out):
     res = subprocess.run([sys.executable, SCRIPT, strategy, str(devices), "16", str(out)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    return json.load(open(out / "losses.json")), torch.load(out / "export" / "state.pt")
+    return json.load(open(out / "losses.json")), torch.load(out / "export" / "state.pt", weights_only=True)
 
 
 @pytest.fixture(scope="module")

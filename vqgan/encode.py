@@ -22,7 +22,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from core.files import atomic_file
+from core.errors import UserError
+from core.files import atomic_file, read_json
 from vqgan.model import CONFIG_NAME, VQGAN, VQGANConfig
 
 
@@ -49,8 +50,7 @@ def read_encoder_config(model_dir: str) -> VQGANConfig:
     cfg_path = os.path.join(model_dir, CONFIG_NAME)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: pass a VQGAN save_pretrained folder (e.g. runs/NAME/export)")
-    with open(cfg_path) as fh:
-        cfg = VQGANConfig.from_dict(json.load(fh), source=cfg_path)
+    cfg = VQGANConfig.from_dict(read_json(cfg_path), source=cfg_path)
     cfg.require_encoder(model_dir)
     return cfg
 
@@ -62,8 +62,7 @@ def write_manifest(model_dir: str, out_dir: str) -> dict:
            "vqgan": os.path.abspath(model_dir)}
     path = os.path.join(out_dir, "manifest.json")
     if os.path.isfile(path):
-        with open(path) as fh:
-            old = json.load(fh)
+        old = read_json(path)
         if (old.get("codebook_size"), old.get("grid")) != (man["codebook_size"], man["grid"]):
             raise EncodeError(f"{out_dir} holds codes of another VQGAN ({old.get('codebook_size')} codes, grid "
                               f"{old.get('grid')}; this one: {man['codebook_size']}, {man['grid']}): use a new --output")
@@ -173,8 +172,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
     try:
         out = encode(args.model, args.input, args.output, args.devices, args.batch_size, args.threads)
-    except (EncodeError, FileNotFoundError, ValueError) as exc:
+    except (EncodeError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # --output under a regular file, a full disk...
+        from data.errors import os_error
+
+        print(f"error: {os_error(exc)}", file=sys.stderr)
         return 2
     print(f"{len(out)} code shards in {args.output}")
     return 0

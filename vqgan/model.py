@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from core.configs import model_preset
+from core.configs import check_field_types, model_preset
 from core.errors import ModelFolderError
 from core.files import atomic_folder, load_safetensors, load_state, read_json, require_files
 from vqgan.modules import Decoder, Encoder
@@ -65,6 +65,15 @@ class VQGANConfig:
     usage_window: int = 65536
 
     def __post_init__(self) -> None:
+        sizes = {"resolution": self.resolution, "ch": self.ch, "z_channels": self.z_channels,
+                 "num_codes": self.num_codes, "embed_dim": self.embed_dim, "norm_groups": self.norm_groups,
+                 "restart_every": self.restart_every, "usage_window": self.usage_window,
+                 "codebook_dim": 1 if self.codebook_dim is None else self.codebook_dim}
+        for name, value in sizes.items():  # a zero-entry codebook divides by zero in the quantizer's init
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not self.ch_mult or min(self.ch_mult) < 1:
+            raise ValueError(f"ch_mult must be a non-empty list of factors >= 1, got {self.ch_mult}")
         if self.pixel_range not in PIXEL_RANGES:
             raise ValueError(f"pixel_range must be one of {', '.join(repr(r) for r in PIXEL_RANGES)}, "
                              f"got {self.pixel_range!r}")
@@ -97,6 +106,7 @@ class VQGANConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ModelFolderError(f"{source}: unknown VQGAN config key '{unknown[0]}'")
+        check_field_types(cls, d, source, ModelFolderError)
         try:
             return cls(**{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in d.items()})
         except ValueError as exc:
