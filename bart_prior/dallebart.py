@@ -30,7 +30,9 @@ class BiasOnlyLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.bias.shape, None, self.bias, EPS)
+        # an explicit scale of ones: torch's CPU layer_norm backward fails on a bf16 input with no weight under
+        # autocast ("expected scalar type BFloat16 but found Float")
+        return F.layer_norm(x, self.bias.shape, torch.ones_like(self.bias), self.bias, EPS)
 
 
 class GLU(nn.Module):

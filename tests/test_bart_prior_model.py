@@ -95,3 +95,18 @@ def test_saved_config_is_plain_json(tok, tmp_path):
     tiny_prior(tok).save_pretrained(str(tmp_path / "p"))
     cfg = json.load(open(tmp_path / "p" / "config.json"))
     assert cfg["codebook_size"] == 64 and cfg["grid"] == [4, 4] and cfg["text_vocab_size"] == len(tok)
+
+
+@pytest.mark.parametrize("arch", ["bart", "dallebart"])
+def test_both_architectures_train_under_bf16_autocast(tok, arch):
+    """One mixed-precision step on the CPU, as trainer.precision bf16-mixed runs it: forward, loss, backward."""
+    prior = tiny_prior(tok, codebook_size=64, grid=(4, 4), arch=arch).train()
+    ids, mask = prior.encode_prompts(["a red circle", "a blue square"])
+    codes = torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = prior.model(ids, mask, prior.model.decoder_inputs(codes))
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, 64), codes.reshape(-1))
+    loss.backward()
+    grads = [p.grad for p in prior.model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
