@@ -1,7 +1,8 @@
 """A real single-node SLURM cluster for tests: Debian's slurmctld + slurmd + munge, started and stopped here.
 
-Installs the packages with apt-get when they are missing and we are root; otherwise the tests that need it skip
-with the reason. Configuration follows shared/slurm/slurm.conf.in.
+Installs the packages with apt-get when they are missing, only where CI asks for it (INSTALL_SLURM=1, which
+.ci/run sets) and we are root; elsewhere the tests that need it skip with the reason. Configuration follows
+shared/slurm/slurm.conf.in.
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ def ensure_installed() -> Optional[str]:
     if all(os.path.exists(p) for p in ("/usr/sbin/slurmctld", "/usr/sbin/slurmd", "/usr/sbin/munged")) \
             and shutil.which("sbatch"):
         return None
+    if os.environ.get("INSTALL_SLURM") != "1":
+        return ("SLURM is not installed (slurmctld, slurmd, munge, sbatch); INSTALL_SLURM=1, as .ci/run sets it, "
+                "installs Debian's packages")
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         return "SLURM is not installed and cannot be installed here (needs root and apt-get)"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
