@@ -232,11 +232,7 @@ class PriorModule(ShardedModule):
         if o.name == "adamw":
             opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         elif o.name == "adafactor":
-            if self.cfg.trainer.strategy == "fsdp":
-                # its factored second moments reduce over whole rows and columns, which neither transformers' nor
-                # torch's Adafactor can do on FSDP2's sharded parameters (they fail inside DTensor dispatch)
-                raise ConfigError("optim.name=adafactor does not work with trainer.strategy=fsdp: use adamw, or "
-                                  "adafactor with trainer.strategy=ddp")
+            check_run_config(self.cfg)
             from transformers.optimization import Adafactor
 
             for group in params:
@@ -259,4 +255,14 @@ class PriorModule(ShardedModule):
         return [*self.model.encoder.layers, *self.model.decoder.layers]
 
 
-COMPONENT = Component(name="bart_prior", schema=PriorRunConfig, build=lambda cfg: PriorModule(cfg), data_mode="codes")
+def check_run_config(cfg: DictConfig) -> None:
+    """Settings the prior cannot run together, refused at start-up."""
+    if cfg.optim.name == "adafactor" and cfg.trainer.strategy == "fsdp":
+        # its factored second moments reduce over whole rows and columns, which neither transformers' nor torch's
+        # Adafactor can do on FSDP2's sharded parameters (they fail inside DTensor dispatch)
+        raise ConfigError("optim.name=adafactor does not work with trainer.strategy=fsdp: use adamw, or adafactor "
+                          "with trainer.strategy=ddp")
+
+
+COMPONENT = Component(name="bart_prior", schema=PriorRunConfig, build=lambda cfg: PriorModule(cfg), data_mode="codes",
+                      check=check_run_config)

@@ -23,6 +23,8 @@ class Component:
     manual_optimization: the module steps its optimizers itself, accumulating over
         ``trainer.accumulate_grad_batches`` and clipping per optimizer (Lightning refuses both Trainer settings then).
     fsdp_unsupported: why ``trainer.strategy: fsdp`` cannot work for this component (refused at start-up), if so.
+    check: ``check(cfg)`` raising ConfigError on a combination of settings the component cannot run, called at
+        start-up before anything is built or written.
     """
 
     name: str
@@ -31,6 +33,7 @@ class Component:
     data_mode: str = "images"
     manual_optimization: bool = False
     fsdp_unsupported: Optional[str] = None
+    check: Optional[Callable[[DictConfig], None]] = None
 
 
 # stage name (its package's name) -> "module:attribute" of a Component instance

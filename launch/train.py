@@ -47,6 +47,8 @@ def resolve_config(component: str, config_path: Optional[str], overrides: Sequen
         raise ConfigError(f"{config_path}: data.mode is '{cfg.data.mode}' but {component} reads '{comp.data_mode}'")
     if cfg.trainer.strategy == "fsdp" and comp.fsdp_unsupported:
         raise ConfigError(f"trainer.strategy=fsdp is not supported for {component}: {comp.fsdp_unsupported}")
+    if comp.check:
+        comp.check(cfg)
     try:
         check_attention(cfg.trainer.attention)
     except ValueError as e:  # before the run folder exists

@@ -152,3 +152,13 @@ def test_shipped_configs_fit_their_vqgan(repo_root, prior_cfg, vqgan_cfg):
     vq = resolve_config("vqgan", os.path.join(repo_root, f"configs/vqgan/{vqgan_cfg}.yaml"), check_files=False).model
     side = vq.resolution // 2 ** (len(vq.ch_mult) - 1)
     assert prior.model.codebook_size == vq.num_codes and list(prior.model.grid) == [side, side]
+
+
+def test_adafactor_with_fsdp_is_refused_before_anything_is_built(repo_root, tmp_path):
+    from launch.train import resolve_config
+
+    overrides = [f"runs_dir={tmp_path}", "optim.name=adafactor", "trainer.strategy=fsdp"]
+    with pytest.raises(ConfigError, match="adafactor does not work with trainer.strategy=fsdp"):
+        resolve_config("bart_prior", os.path.join(repo_root, "configs/bart_prior/tiny.yaml"), overrides,
+                       check_files=False)
+    assert not os.listdir(tmp_path)
