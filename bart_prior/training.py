@@ -182,6 +182,12 @@ class PriorModule(ShardedModule):
         self._val_sum += loss.detach().float() * bs
         self._val_count += bs
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["prior_validations"] = self._validations  # image samples every n validations, counted on resume
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._validations = int(checkpoint.get("prior_validations", self._validations))
+
     def on_validation_epoch_start(self) -> None:
         self._val_sum, self._val_count = torch.zeros((), device=self.device), 0
 

@@ -9,6 +9,11 @@ Samples are mixed across shards in a shuffle buffer. Validation is never shuffle
 by rank and worker when there are enough of them, otherwise every reader scans all shards and keeps one sample in
 ranks x workers; either way every sample is seen exactly once per validation (per-rank batch counts may differ).
 
+Resume: every random stream of the train pipeline (shard order or draw, shuffle buffer, crop and flip) is a function
+of (data.seed, rank, reader, epoch), and each batch carries its reader's position; checkpoints save the positions
+(:meth:`ShardDataModule.state_dict`) and a resumed run continues every reader where it stopped, in the same order
+across loader workers, so it reads exactly the batches an uninterrupted run reads (see :class:`_Reader`).
+
 Skipped samples: each batch carries ``batch["skipped"]`` (counts since the previous batch of that worker). The
 module's ``on_before_batch_transfer`` hook removes it before the LightningModule sees the batch and adds it to
 ``self.tally``; :class:`SkippedSamplesLogger` (attached automatically in ``setup``) logs the totals summed over
@@ -16,16 +21,17 @@ ranks as ``data/skipped_<kind>`` every ``log_every_n_steps``.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import warnings
 from itertools import islice
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import pytorch_lightning as pl
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.config import DataConfig, check_values
 from data.decode import SKIP_KINDS, SampleDecoder, SkipCounter, SkipTally, collate
@@ -62,66 +68,133 @@ class _SampleSplit:
                 yield sample
 
 
-class _WorkerSeed:
-    """Seed of a resampled shard stream: distinct for every (rank, worker)."""
-
-    def __init__(self, rank: int):
-        self.rank = rank
-
-    def __call__(self) -> int:
-        return self.rank * 1000 + _worker()[0]
+def _seed64(text: str) -> int:
+    """A 64-bit seed from a string (stable across processes and Python runs, unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-class _SampleShuffle(wds.detshuffle):
-    """Shuffle buffer seeded by (seed, rank, worker, epoch): reproducible, and different in every reader."""
+class _Reader:
+    """Bookkeeping of one copy of the train pipeline (one per DataLoader worker; the main process's with
+    num_workers 0), shared by its stages: which epoch the current pass reads, which reader it plays, how far it got.
 
-    def __init__(self, bufsize: int, seed: int, rank: int):
-        super().__init__(bufsize, min(bufsize, 256), seed=seed)
-        self.rank = rank
+    Every random stream of a pass is a function of (data.seed, rank, reader, epoch) alone: the shard draw
+    (resampled) or shard order (else: seed and epoch only, the same on every rank), the shuffle buffer, and each
+    sample's crop/flip (also of its index in the pass). The position of a reader is (batches it yielded, raw samples
+    its decoder consumed, corrupt ones included) in the epoch; every batch carries it (``batch["reader"]``).
 
-    def run(self, src):
-        self.epoch += 1
-        rng = random.Random(f"{self.seed}/{self.rank}/{_worker()[0]}/{self.epoch}")
-        return wds.filters._shuffle(src, self.bufsize, self.initial, rng)
-
-
-class _SkipOnce:
-    """Drop the first samples of the first pass, so a resumed run continues its epoch where the checkpoint was taken.
-
-    ``batches`` train batches had been consumed over all readers; batches come from the readers in turn, so this
-    reader skips its share (counted in samples, before decoding, which keeps a large skip cheap).
+    A resumed run's first pass starts from the checkpoint's positions: each reader skips the raw samples it had
+    consumed (before decoding, so a skip is cheap) and the loader's round robin, which restarts at worker 0, is
+    rotated: physical worker p plays reader (p + next) mod workers, ``next`` being the reader that was due. So the
+    batches come in the uninterrupted run's order, with any number of workers.
     """
 
-    def __init__(self, batches: int, batch_size: int):
-        self.batches, self.batch_size = batches, batch_size
-        self.done = False
+    def __init__(self, rank: int, world: int, seed: int, start_epoch: int = 0, resume: Optional[dict] = None):
+        self.rank, self.world, self.seed = rank, world, seed
+        self.start_epoch = start_epoch
+        self.resume = resume  # {"next": reader due, "done": [[batches, samples] per reader]}
+        self.passes = 0
+        self.epoch = start_epoch
+        self.worker, self.workers = 0, 1
+        self.batches = self.samples = 0
+        self.skip_samples = 0
+        self.counter: Optional[SkipCounter] = None
 
-    def reader_share(self) -> int:
-        worker, workers = _worker()
-        return len(range(worker, self.batches, workers))
+    def begin_pass(self) -> None:
+        if self.counter is not None:
+            # skips after this reader's last batch of the previous epoch: they come with no batch of that epoch,
+            # and a run resumed at the epoch's end would not read them again; counting them nowhere keeps the
+            # counts of a resumed run equal to an uninterrupted one's
+            self.counter.take()
+        physical, workers = _worker()
+        self.epoch = self.start_epoch + self.passes
+        self.worker, self.workers = physical, workers
+        skip_batches = self.skip_samples = 0
+        if self.passes == 0 and self.resume is not None:
+            self.worker = (physical + self.resume["next"]) % workers
+            skip_batches, self.skip_samples = (int(n) for n in self.resume["done"][self.worker])
+        self.passes += 1
+        self.batches, self.samples = skip_batches, self.skip_samples
+
+    def stream(self, what: str) -> str:
+        return f"{self.seed}/{what}/{self.rank}/{self.worker}/{self.epoch}"
+
+    def stamp(self) -> dict[str, int]:
+        return {"worker": self.worker, "workers": self.workers, "batches": self.batches, "samples": self.samples}
+
+
+class _TrainShards(IterableDataset):
+    """First stage: starts a pass of the reader, then yields its shards. Resampled: drawn with replacement, without
+    end, from the reader's own stream. Otherwise: the epoch's permutation of the set (the same on every rank), split
+    by rank, then by reader: every (rank, reader) reads a disjoint set of whole shards."""
+
+    def __init__(self, urls: list[str], reader: _Reader, resampled: bool):
+        super().__init__()
+        self.urls, self.reader, self.resampled = list(urls), reader, resampled
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        # not a generator: the pass begins when the pipeline is put together, before the later stages read the
+        # reader's epoch and role
+        r = self.reader
+        r.begin_pass()
+        if self.resampled:
+            return self._draw(random.Random(r.stream("shards")))
+        order = list(self.urls)
+        random.Random(f"{r.seed}/order/{r.epoch}").shuffle(order)
+        return iter([{"url": url} for url in order[r.rank::r.world][r.worker::r.workers]])
+
+    def _draw(self, rng: random.Random) -> Iterator[dict[str, str]]:
+        while True:
+            yield {"url": self.urls[rng.randrange(len(self.urls))]}
+
+
+class _SampleShuffle:
+    """Shuffle buffer drawing from the reader's stream for the epoch: reproducible, different in every reader."""
+
+    def __init__(self, bufsize: int, reader: _Reader):
+        self.bufsize, self.reader = bufsize, reader
 
     def __call__(self, src):
-        skip = 0 if self.done else self.reader_share() * self.batch_size
-        self.done = True
-        yield from islice(src, skip, None)
+        rng = random.Random(self.reader.stream("shuffle"))
+        return wds.filters._shuffle(src, self.bufsize, min(self.bufsize, 256), rng)
+
+
+class _Skip:
+    """On the first pass of a resumed run: drops the raw samples this reader had consumed before the checkpoint, and
+    the skip counts that reading them again produced (those were delivered with the batches before it)."""
+
+    def __init__(self, reader: _Reader, counter: SkipCounter):
+        self.reader, self.counter = reader, counter
+
+    def __call__(self, src):
+        n = self.reader.skip_samples
+        if n:
+            src = iter(src)
+            for _ in islice(src, n):
+                pass
+            self.counter.take()
+        yield from src
 
 
 class _EpochLimit:
-    """Ends each pass of an endless (resampled) stream after ``batches`` batches of this reader; the first pass of
-    a resumed run is shorter by the batches its :class:`_SkipOnce` skipped."""
+    """Ends each pass of an endless (resampled) stream when this reader has yielded ``batches`` batches in the epoch
+    (a resumed pass counts those yielded before the checkpoint)."""
 
-    def __init__(self, batches: int, skip: Optional[_SkipOnce]):
-        self.batches, self.skip = batches, skip
-        self.first = True
+    def __init__(self, batches: int, reader: _Reader):
+        self.batches, self.reader = batches, reader
 
     def __call__(self, src):
-        n = self.batches - (self.skip.reader_share() if self.skip is not None and self.first else 0)
-        self.first = False
-        yield from islice(src, max(0, n))
+        if self.reader.batches >= self.batches:
+            return
+        for batch in src:
+            yield batch
+            if self.reader.batches >= self.batches:
+                return
 
 
 class _Decode:
-    """The decoding stage: raw samples -> decoded ones, corrupt ones skipped (and counted by the decoder).
+    """The decoding stage: raw samples -> decoded ones, corrupt ones skipped (and counted by the decoder). Counts the
+    raw samples consumed (the reader's position) and draws each sample's crop and flip from a generator seeded by
+    the reader's stream and the sample's index in the pass.
 
     An endless (resampled) stream in which nothing decodes would never yield a batch, and the run would wait forever.
     Shards are drawn with replacement, so a set with g good samples out of n shows a run of more than ``20 n``
@@ -130,14 +203,20 @@ class _Decode:
 
     RUN_FACTOR = 20
 
-    def __init__(self, decoder: SampleDecoder, samples: Optional[int], endless: bool):
-        self.decoder = decoder
+    def __init__(self, decoder: SampleDecoder, samples: Optional[int], endless: bool, reader: _Reader):
+        self.decoder, self.reader = decoder, reader
         self.limit = self.RUN_FACTOR * samples if endless and samples else None
 
     def __call__(self, src):
         failed = 0
+        random_augment = self.decoder.random_crop or self.decoder.random_flip
+        generator = torch.Generator() if random_augment else None
+        base = _seed64(self.reader.stream("augment"))
         for sample in src:
-            out = self.decoder(sample)
+            if generator is not None:
+                generator.manual_seed((base + self.reader.samples * 0x9E3779B97F4A7C15) % 2 ** 64)
+            self.reader.samples += 1
+            out = self.decoder(sample, generator)
             if out is not None:
                 failed = 0
                 yield out
@@ -149,12 +228,36 @@ class _Decode:
                                 f"{self.limit // self.RUN_FACTOR} ({totals}); check it with `python -m data inspect`")
 
 
+class _Batch:
+    """Groups decoded samples into batches, collating a batch as soon as it is full (webdataset's ``batched``
+    collates only when the next sample arrives, one sample late for the reader's position)."""
+
+    def __init__(self, size: int, collate: "_Collate", partial: bool):
+        self.size, self.collate, self.partial = size, collate, partial
+
+    def __call__(self, src):
+        batch: list = []
+        for sample in src:
+            batch.append(sample)
+            if len(batch) == self.size:
+                yield self.collate(batch)
+                batch = []
+        if batch and self.partial:
+            yield self.collate(batch)
+
+
 class _Collate:
-    def __init__(self, counter: SkipCounter):
-        self.counter = counter
+    """Stacks a batch; in the train pipeline also stamps it with the reader's position (``batch["reader"]``)."""
+
+    def __init__(self, counter: SkipCounter, reader: Optional[_Reader] = None):
+        self.counter, self.reader = counter, reader
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate(samples, self.counter)
+        batch = collate(samples, self.counter)
+        if self.reader is not None:
+            self.reader.batches += 1
+            batch["reader"] = self.reader.stamp()
+        return batch
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -173,9 +276,12 @@ class ShardDataModule(pl.LightningDataModule):
         self._rank, self._world = rank, world_size
         self._codes_spec = (codebook_size, tuple(grid) if grid is not None else None)
         self.tally = SkipTally()
-        # the train position (epoch, batches consumed in it): saved in checkpoints, restored before the loaders
+        # the train position (epoch, batches consumed in it) and each reader's (batches, raw samples) in that epoch,
+        # plus the reader due next: saved in checkpoints, restored before the loaders are built
         self.position = {"epoch": 0, "batches": 0}
-        self._resume_from: Optional[dict[str, int]] = None
+        self._done: list[list[int]] = [[0, 0] for _ in range(self._readers)]
+        self._next = 0
+        self._resume: Optional[dict[str, Any]] = None  # {"epoch", "next", "done"} for the next train loader
         # the train pipeline's skip counter when it runs in this process (num_workers 0), for the empty-epoch check
         self._train_counter: Optional[SkipCounter] = None
         check_values(cfg)
@@ -218,12 +324,7 @@ class ShardDataModule(pl.LightningDataModule):
         c = self.cfg
         urls = expand_pattern(c.train)
         rank, world = self.rank_world()
-        seed = int(c.seed)
-        counter = SkipCounter()
-        self._train_counter = counter
-        if c.resampled:
-            stages: list = [wds.ResampledShards(urls, seed=seed, worker_seed=_WorkerSeed(rank), deterministic=True)]
-        else:
+        if not c.resampled:
             if len(urls) < world * self._readers:
                 raise DataError(f"data.train has {len(urls)} shard(s) but {world} rank(s) x {self._readers} "
                                 "worker(s) need at least one each: write more/smaller shards, lower "
@@ -231,25 +332,21 @@ class ShardDataModule(pl.LightningDataModule):
             if world > 1:
                 warnings.warn("data.resampled is false on several ranks: ranks may get unequal batch counts per "
                               "epoch (shards differ in size); set data.resampled=true for multi-rank training")
-            # same seed on every rank -> same permutation, so the rank split stays disjoint
-            stages = [wds.SimpleShardList(urls), wds.detshuffle(len(urls), len(urls), seed=seed),
-                      _RankSplit(rank, world), wds.split_by_worker]
-        stages += read_stages(counter)
+        resume, self._resume = self._resume, None  # the first loader after load_state_dict continues the epoch
+        reader = _Reader(rank, world, int(c.seed), start_epoch=resume["epoch"] if resume else 0,
+                         resume={"next": resume["next"], "done": resume["done"]} if resume else None)
+        counter = SkipCounter()
+        self._train_counter = reader.counter = counter
+        stages: list = [_TrainShards(urls, reader, c.resampled), *read_stages(counter)]
         if c.shuffle_buffer > 1:
-            stages.append(_SampleShuffle(c.shuffle_buffer, seed, rank))
-        skip = None
-        if self._resume_from:
-            # every seeded stage draws its epoch-th stream: start them at the resumed epoch, then skip what was used
-            for stage in stages:
-                if hasattr(stage, "epoch"):
-                    stage.epoch = self._resume_from["epoch"] - 1
-            skip = _SkipOnce(self._resume_from["batches"], c.batch_size)
-            stages.append(skip)
-        stages += [_Decode(self._decoder(True, counter), self._set_size(urls), endless=c.resampled),
-                   wds.batched(c.batch_size, collation_fn=_Collate(counter), partial=not c.drop_last)]
+            stages.append(_SampleShuffle(c.shuffle_buffer, reader))
+        if resume:
+            stages.append(_Skip(reader, counter))
+        stages += [_Decode(self._decoder(True, counter), self._set_size(urls), endless=c.resampled, reader=reader),
+                   _Batch(c.batch_size, _Collate(counter, reader), partial=not c.drop_last)]
         if c.resampled:
             steps = self.steps_per_epoch()
-            stages.append(_EpochLimit(steps // self._readers, skip))
+            stages.append(_EpochLimit(steps // self._readers, reader))
             return wds.DataPipeline(*stages).with_length(steps, silent=True)
         return wds.DataPipeline(*stages)
 
@@ -288,27 +385,78 @@ class ShardDataModule(pl.LightningDataModule):
             trainer.callbacks.append(SkippedSamplesLogger())
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        stamp = batch.pop("reader", None) if isinstance(batch, dict) else None
         if isinstance(batch, dict) and "skipped" in batch:
             self.tally.add(batch.pop("skipped"))
         trainer = getattr(self, "trainer", None)
         if trainer is not None and trainer.training:
             if trainer.current_epoch != self.position["epoch"]:
                 self.position = {"epoch": trainer.current_epoch, "batches": 0}
+                self._done, self._next = [[0, 0] for _ in range(self._readers)], 0
             self.position["batches"] += 1
+            if stamp is not None:
+                self._done[stamp["worker"]] = [int(stamp["batches"]), int(stamp["samples"])]
+                self._next = (stamp["worker"] + 1) % stamp["workers"]
         return batch
 
+    def _gather(self, mine: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every rank's ``mine``, by rank. Lightning builds a checkpoint on every rank (``dump_checkpoint``), so
+        the ranks all get here together; with an explicit rank (a simulated job) there is only this one."""
+        dist = torch.distributed
+        if self._rank is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            out: list = [None] * dist.get_world_size()
+            dist.all_gather_object(out, mine)
+            return out
+        return [mine]
+
+    def _epoch_done(self) -> bool:
+        """Whether the last batch consumed was the last of its epoch. Lightning knows (its loader fetches one batch
+        ahead), and a run resumed from a checkpoint taken there starts the next epoch."""
+        loop = getattr(getattr(getattr(self, "trainer", None), "fit_loop", None), "epoch_loop", None)
+        return bool(getattr(getattr(loop, "batch_progress", None), "is_last_batch", False))
+
     def state_dict(self) -> dict[str, Any]:
-        return {"position": dict(self.position), "skipped": dict(self.tally.totals)}
+        """The train position: epoch and batches consumed in it (the same on every rank) and whether that was the
+        epoch's last batch, and for every rank each reader's position and the reader due next, and its skip
+        counts."""
+        mine = {"workers": self._readers, "next": self._next, "done": [list(d) for d in self._done],
+                "skipped": dict(self.tally.totals)}
+        return {"position": dict(self.position), "epoch_done": self._epoch_done(), "skipped": dict(self.tally.totals),
+                "ranks": self._gather(mine)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next train loader continues the saved epoch after its consumed batches. Exact with 0 or 1
-        loader workers; with more, the same batches come in another interleaving (the loader restarts its
-        round-robin at worker 0); corrupt samples skipped before the checkpoint shift the position by that many."""
+        """Resume: the next train loader continues the saved epoch exactly where the checkpoint was taken (see
+        :class:`_Reader`), with the same number of ranks and loader workers as the run that wrote it. With another
+        number (or a checkpoint written before readers' positions were saved) each reader skips an equal share of
+        the consumed batches, counted as ``data.batch_size`` samples each: the same batches only if every reader
+        read whole batches without corrupt samples and kept its shards, which another split does not (a warning
+        says so)."""
         self.position = dict(state.get("position", self.position))
-        self._resume_from = dict(self.position)
-        for kind, n in state.get("skipped", {}).items():
+        rank, world = self.rank_world()
+        ranks = state.get("ranks") or []
+        mine = ranks[rank] if len(ranks) == world and rank < len(ranks) else None
+        if mine is not None and mine["workers"] == self._readers and len(mine["done"]) == self._readers:
+            self._done = [[int(b), int(n)] for b, n in mine["done"]]
+            self._next = int(mine["next"])
+            skipped = mine.get("skipped", {})
+        else:
+            if ranks:
+                was = ranks[0]["workers"] if ranks else "?"
+                warnings.warn(f"resuming with {world} rank(s) x {self._readers} loader worker(s), the checkpoint "
+                              f"was written by {len(ranks)} x {was}: the rest of the epoch is approximate (each "
+                              "reader skips an equal share of the consumed batches)")
+            b, w, size = int(self.position["batches"]), self._readers, int(self.cfg.batch_size)
+            self._done = [[len(range(i, b, w)), len(range(i, b, w)) * size] for i in range(w)]
+            self._next = b % w
+            skipped = state.get("skipped", {})
+        if state.get("epoch_done"):  # the checkpoint's batch ended its epoch: Lightning starts the next one
+            self.position = {"epoch": int(self.position["epoch"]) + 1, "batches": 0}
+            self._done, self._next = [[0, 0] for _ in range(self._readers)], 0
+        self._resume = {"epoch": int(self.position["epoch"]), "next": self._next,
+                        "done": [list(d) for d in self._done]}
+        for kind, n in skipped.items():
             if kind in self.tally.totals:
-                self.tally.totals[kind] = n
+                self.tally.totals[kind] = int(n)
 
     def check_epoch_end(self, epoch: int) -> None:
         """DataError when training epoch ``epoch`` gave no batch at all: Lightning would start the next (as empty)
@@ -338,10 +486,13 @@ class SkippedSamplesLogger(pl.Callback):
         if isinstance(datamodule, ShardDataModule):
             datamodule.check_epoch_end(trainer.current_epoch)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # Logged at the start of the step whose row the loggers write (the tally already holds this batch's
+        # counts): a checkpoint taken at the end of the step then holds the whole row (launch.trainer.ResumableLogs)
         tally = getattr(trainer.datamodule, "tally", None)
-        if tally is None or trainer.global_step % max(1, trainer.log_every_n_steps):
+        stepped = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+        if tally is None or (stepped + 1) % max(1, trainer.log_every_n_steps):
             return
         for kind in SKIP_KINDS:  # every rank logs every kind, so the summing all-reduce lines up
             pl_module.log(f"data/skipped_{kind}", float(tally.totals[kind]), on_step=True, on_epoch=False,

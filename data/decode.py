@@ -166,8 +166,10 @@ def load_image(data: bytes, size: Optional[int] = None) -> Image.Image:
     return to_rgb(img)
 
 
-def resize_crop(img: Image.Image, size: int, random_crop: bool = False) -> Image.Image:
-    """Resize the shorter side to ``size`` (bicubic) and crop a ``size`` square (center, or random via torch RNG)."""
+def resize_crop(img: Image.Image, size: int, random_crop: bool = False,
+                generator: Optional[torch.Generator] = None) -> Image.Image:
+    """Resize the shorter side to ``size`` (bicubic) and crop a ``size`` square (center, or random: drawn from
+    ``generator``, torch's global generator when None)."""
     w, h = img.size
     if (w, h) != (size, size):
         scale = size / min(w, h)
@@ -176,8 +178,8 @@ def resize_crop(img: Image.Image, size: int, random_crop: bool = False) -> Image
             img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
         w, h = img.size
         if random_crop:
-            left = int(torch.randint(0, w - size + 1, ()))
-            top = int(torch.randint(0, h - size + 1, ()))
+            left = int(torch.randint(0, w - size + 1, (), generator=generator))
+            top = int(torch.randint(0, h - size + 1, (), generator=generator))
         else:
             left, top = (w - size) // 2, (h - size) // 2
         if (w, h) != (size, size):
@@ -221,7 +223,10 @@ class SampleDecoder:
         self.random_crop, self.random_flip = train and random_crop, train and random_flip
         self.counter = counter or SkipCounter(warn=True)
 
-    def __call__(self, sample: dict[str, Any]) -> Optional[dict[str, Any]]:
+    def __call__(self, sample: dict[str, Any], generator: Optional[torch.Generator] = None) -> Optional[dict[str, Any]]:
+        """``generator``: where the random crop and flip are drawn from (torch's global generator when None); the
+        training pipeline passes one seeded per sample, so a sample's augmentation does not depend on which process
+        decodes it or on what was decoded before (data/datamodule.py)."""
         key = sample.get("__key__", "?")
         where = f"{key} in {sample.get('__url__', '?')}"
         raw = sample.get(self.caption_key)
@@ -248,11 +253,11 @@ class SampleDecoder:
             self.counter.skip("missing", f"no image member for {where}")
             return None
         try:
-            img = resize_crop(load_image(sample[ext], self.image_size), self.image_size, self.random_crop)
+            img = resize_crop(load_image(sample[ext], self.image_size), self.image_size, self.random_crop, generator)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             self.counter.skip("image", f"{where}: {str(exc).splitlines()[0][:120]}")
             return None
-        if self.random_flip and bool(torch.rand(()) < 0.5):
+        if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return {"key": key, "caption": caption, "image": image_to_tensor(img)}
 

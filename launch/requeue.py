@@ -91,3 +91,6 @@ class SlurmRequeue(Callback):
         if trainer.strategy.broadcast(ok, src=0):
             self.requeued = True
             trainer.should_stop = True
+            # Lightning validates when a run stops early: not here, in the last seconds of the job, and not at a
+            # step where an uninterrupted run would not (the requeued job's log would differ from it)
+            trainer.limit_val_batches = 0

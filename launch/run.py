@@ -43,6 +43,11 @@ class RunDir:
 
 
 def _loadable(path: str) -> bool:
+    if os.path.isdir(path):  # a sharded (FSDP) checkpoint: Lightning's meta.pt and torch.distributed's .metadata
+        missing = [n for n in ("meta.pt", ".metadata") if not os.path.isfile(os.path.join(path, n))]
+        if missing:
+            log.warning("checkpoint %s is incomplete (no %s); trying an older one", path, missing[0])
+        return not missing
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return True
@@ -59,7 +64,7 @@ def find_resume_checkpoint(run: RunDir) -> Optional[str]:
     candidates += glob.glob(os.path.join(run.root, "hpc_ckpt_*.ckpt"))
     candidates = sorted((p for p in candidates if os.path.exists(p)), key=os.path.getmtime, reverse=True)
     for path in candidates:
-        if os.path.isdir(path) or _loadable(path):  # a folder is a distributed (FSDP) checkpoint
+        if _loadable(path):
             return path
     return None
 

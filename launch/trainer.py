@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
+import io
 import logging
+import os
+import random
 import warnings
 from typing import Any, Optional
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -16,15 +21,35 @@ from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from lightning_fabric.utilities.apply_func import convert_tensors_to_scalars
+from pytorch_lightning.core.saving import save_hparams_to_yaml
 from pytorch_lightning.loggers.logger import rank_zero_experiment
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 
-from core.files import atomic_file
+from core.files import append_text, atomic_file, atomic_path, commit_folder, read_complete_lines, staging_folder
 from launch.config import ConfigError
 from core.hardware import attention_backends, resolve_trainer_precision
 from launch.requeue import SlurmRequeue, in_slurm_job
 from launch.run import RunDir
 from launch.schedule import TimeBudget
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, saving every ``every_n_train_steps`` optimizer steps and nowhere else.
+
+    Two of its behaviours would break that: at the last batch of an epoch it puts a monitored save off until the
+    next validation ends (which ``trainer.val_check_interval`` may place many steps later), so the checkpoint of an
+    epoch's end was skipped (``save_on_train_epoch_end=True`` turns that off; with step-based saving it saves nothing
+    at an epoch's end itself); and a resumed run does not know the step its checkpoint was saved at, so with
+    gradient accumulation it saved again at that step, half-way through the next accumulation group (whose
+    gradients a checkpoint does not hold)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(save_on_train_epoch_end=True, **kwargs)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_global_step_saved = trainer.global_step  # 0 in a new run, as Lightning starts it
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -37,25 +62,64 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class _KeepingWriter(ExperimentWriter):
-    """Appends to an existing metrics.csv: Lightning's writer deletes it when the folder exists, so a resumed run
-    would lose the history of everything before the resume."""
+    """csv/metrics.csv that survives crashes and resumes. Lightning's writer deletes the file when the folder exists
+    (a resumed run would lose the history before the resume) and rewrites it in place when a new column appears (a
+    crash then loses it all). Here the file is replaced through core.files.atomic_file when it is created or gets a
+    new column, new rows are appended whole (core.files.append_text: a crash can only tear the last line, which
+    every read here leaves out), and hparams.yaml is replaced atomically."""
 
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as fh:
-                self.metrics_keys = list(csv.DictReader(fh).fieldnames or [])
+            self.metrics_keys = list(csv.DictReader(io.StringIO(read_complete_lines(self.metrics_file_path)))
+                                     .fieldnames or [])
 
-    def drop_from(self, step: int) -> None:
-        """Forget rows logged at ``step`` or later (a killed run logs past its last checkpoint; the resumed run logs
-        those steps again)."""
-        if not self._fs.isfile(self.metrics_file_path):
-            return
-        with self._fs.open(self.metrics_file_path, "r", newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if not r.get("step") or int(r["step"]) < step]
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        self.hparams.update(params)
+        with atomic_path(os.path.join(self.log_dir, self.NAME_HPARAMS_FILE)) as tmp:
+            save_hparams_to_yaml(tmp, self.hparams)
+
+    def _rows(self) -> list[dict[str, str]]:
+        """The rows on disk, without a torn last line or a row whose step does not read."""
+        if not os.path.isfile(self.metrics_file_path):
+            return []
+        rows = csv.DictReader(io.StringIO(read_complete_lines(self.metrics_file_path)))
+        return [r for r in rows if (r.get("step") or "").isdigit()]
+
+    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
         with atomic_file(self.metrics_file_path, newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=self.metrics_keys)
             writer.writeheader()
             writer.writerows(rows)
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        new_keys = self._record_new_keys()
+        if new_keys or not os.path.isfile(self.metrics_file_path):
+            self._rewrite(self._rows() + self.metrics)
+        else:
+            buf = io.StringIO()
+            csv.DictWriter(buf, fieldnames=self.metrics_keys).writerows(self.metrics)
+            append_text(self.metrics_file_path, buf.getvalue())
+        self.metrics = []
+
+    def resume_at(self, step: int, row: Optional[dict[str, Any]] = None) -> None:
+        """Forget rows logged at ``step`` or later (a killed run logs past its last checkpoint; the resumed run logs
+        those steps again), and settle the row of the step the checkpoint was taken at (``row``, saved in the
+        checkpoint by :class:`ResumableLogs`): written when the killed run died before writing it, removed when the
+        killed run logged it only because it stopped there (a requeue) and an uninterrupted run would not."""
+        self.save()
+        rows = [r for r in self._rows() if int(r["step"]) < step]
+        if row is not None:
+            at, keys = int(row["step"]), set(row["keys"])
+            has = [i for i, r in enumerate(rows) if int(r["step"]) == at and any(r.get(k) for k in keys)]
+            if not row["due"]:
+                rows = [r for i, r in enumerate(rows) if i not in has]
+            elif not has:
+                rows.append({**row["metrics"], "epoch": row["epoch"], "step": at})
+                self.metrics_keys = sorted(set(self.metrics_keys) | set(row["metrics"]) | {"epoch", "step"})
+        if rows or os.path.isfile(self.metrics_file_path):
+            self._rewrite(rows)
 
 
 class ResumableCSVLogger(CSVLogger):
@@ -70,18 +134,122 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
 
-class _TrimLogsOnResume(Callback):
+class AtomicTensorBoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoard logger with its hparams.yaml written atomically: Lightning writes it in place, once,
+    when it is missing, so a crash mid-write left a partial one for good. (The event files only grow: TensorBoard
+    reads up to a torn last record.)"""
+
+    @rank_zero_only
+    def save(self) -> None:
+        super(TensorBoardLogger, self).save()  # what TensorBoardLogger.save does before its hparams.yaml
+        path = os.path.join(self.log_dir, self.NAME_HPARAMS_FILE)
+        if os.path.isdir(self.log_dir) and not os.path.isfile(path):
+            with atomic_path(path) as tmp:
+                save_hparams_to_yaml(tmp, self.hparams)
+
+
+def _logged_step(trainer: pl.Trainer) -> int:
+    """The step the loggers write the current training batch's row at (Lightning's own counter)."""
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+
+class ResumableLogs(Callback):
+    """Makes csv/metrics.csv of a resumed run equal to an uninterrupted run's.
+
+    Lightning writes a step's row after the step's ``on_train_batch_end`` hooks, where checkpoints are saved: a run
+    killed right after a checkpoint loses that row. So the checkpoint carries it (``log_position``): the step the
+    resumed run logs first, and the row of the checkpoint's own step with whether an uninterrupted run logs it there
+    (a requeue stop logs a row at any step). On resume the CSV log drops what the killed run logged past the
+    checkpoint and settles that row (:meth:`_KeepingWriter.resume_at`)."""
+
+    def __init__(self) -> None:
+        self._in_batch_end = False
+        self._position: Optional[dict[str, Any]] = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._in_batch_end = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._in_batch_end = True  # callbacks run in order, checkpoint callbacks last: they save after this
+
+    def on_validation_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._in_batch_end = False
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._in_batch_end = False
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        step = _logged_step(trainer)
+        if not self._in_batch_end:
+            checkpoint["log_position"] = {"next_step": step, "row": None}
+            return
+        metrics = convert_tensors_to_scalars(trainer._logger_connector.metrics["log"])
+        due = trainer.log_every_n_steps > 0 and (step + 1) % trainer.log_every_n_steps == 0
+        checkpoint["log_position"] = {
+            "next_step": step + 1,
+            "row": {"step": step, "epoch": trainer.current_epoch, "due": due, "keys": sorted(metrics),
+                    "metrics": dict(metrics)}}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._position = checkpoint.get("log_position")
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        position, self._position = self._position, None
+        if not trainer.is_global_zero:
+            return
         for logger in trainer.loggers:
-            if isinstance(logger, ResumableCSVLogger) and trainer.is_global_zero:
-                # the step loggers write: batches that stepped an optimizer (restored with the checkpoint)
-                logger.experiment.drop_from(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped",
-                                                    trainer.global_step))
+            if isinstance(logger, ResumableCSVLogger):
+                if position is None:  # a fresh run, or a checkpoint written before log positions were saved
+                    logger.experiment.resume_at(_logged_step(trainer))
+                else:
+                    logger.experiment.resume_at(int(position["next_step"]), position["row"])
+
+
+class EpochStartCounters(Callback):
+    """A run resumed from the last batch of an epoch starts the next epoch, but when the loader has no length
+    (``data.resampled: false``) Lightning keeps counting its batches in the epoch from the previous one: batch
+    indices and gradient-accumulation groups of that epoch would be shifted. Here the counters are set back (at
+    ``on_train_start``, before the epoch loop reads them) so that the epoch counts from 0, as an uninterrupted run's
+    does. The data module says when (its position is at the start of the current epoch)."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        position = getattr(trainer.datamodule, "position", None)
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        if (isinstance(position, dict) and position.get("epoch") == trainer.current_epoch
+                and position.get("batches") == 0 and trainer.fit_loop.epoch_loop.restarting and progress.ready > 0):
+            # the epoch loop's reset then adds the checkpoint's unfinished batch (completed + 1) and starts from it
+            progress.ready = progress.started = progress.processed = 0
+            progress.completed = -1
+
+
+class StepSeed(Callback):
+    """Seeds python's, numpy's and torch's (CPU and CUDA) global generators before every training batch from (run
+    seed, rank, epoch, batch number in the epoch), as fairseq seeds each update. Whatever a training step draws from
+    them (dropout, the prior's caption dropout, CLIP's choice of images to reconstruct) is then a function of where
+    the run is, not of what drew before (a data loader starting, a validation, the resume itself): a resumed run
+    draws what the uninterrupted one draws. The batch number is the data module's (restored exactly); Lightning's
+    ``batch_idx`` goes on counting from the previous epoch when a run resumes from an epoch's last batch and the
+    loader has no length."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        position = getattr(trainer.datamodule, "position", None)
+        if isinstance(position, dict) and position.get("epoch") == trainer.current_epoch:
+            batch_idx = int(position["batches"]) - 1  # counted when the batch was handed over, from 1
+        seed = int.from_bytes(hashlib.blake2b(f"{self.seed}/{trainer.global_rank}/{trainer.current_epoch}/"
+                                              f"{batch_idx}".encode(), digest_size=8).digest(), "little")
+        random.seed(seed)
+        np.random.seed(seed % 2 ** 32)
+        torch.manual_seed(seed)  # every CUDA device too
 
 
 class RNGStateCheckpoint(Callback):
     """Saves the process RNG states (python, numpy, torch CPU and CUDA) in checkpoints and restores them on resume,
-    which Lightning does not do by itself: dropout, caption dropout and sampling continue as if never stopped."""
+    which Lightning does not do by itself. Training steps do not depend on them (:class:`StepSeed` reseeds before
+    every batch); this covers what draws outside the steps."""
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         states = _collect_rng_states()
@@ -117,6 +285,26 @@ class AttentionKernels(Callback):
             self._stack = None
 
 
+def _atomic_model_parallel(base: type) -> type:
+    """ModelParallelStrategy whose sharded checkpoints (a folder every rank writes into) are written into a staging
+    folder and put in place by rank 0 in one step (core.files.staging_folder / commit_folder): Lightning writes into
+    the destination itself, so a job killed mid-save left a folder mixing two checkpoints under the real name."""
+
+    class AtomicModelParallelStrategy(base):
+        def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any = None) -> None:
+            if not self._save_distributed_checkpoint:
+                return super().save_checkpoint(checkpoint, filepath, storage_options)
+            path = os.path.abspath(str(self.broadcast(str(filepath))))
+            tmp = self.broadcast(staging_folder(path) if self.global_rank == 0 else None)
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            self.barrier("sharded checkpoint written")
+            if self.global_rank == 0:
+                commit_folder(tmp, path)
+            self.barrier("sharded checkpoint in place")
+
+    return AtomicModelParallelStrategy
+
+
 def _accelerator(tc: DictConfig) -> str:
     if tc.accelerator == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
@@ -141,8 +329,8 @@ def build_strategy(tc: DictConfig, find_unused_parameters: bool = False) -> Any:
 
         devices = tc.devices if isinstance(tc.devices, int) else (torch.cuda.device_count() or 1)
         # An explicit data-parallel mesh: the default mesh of ModelParallelStrategy does not shard parameters.
-        return ModelParallelStrategy(data_parallel_size=devices * tc.num_nodes, tensor_parallel_size=1,
-                                     save_distributed_checkpoint=True)
+        return _atomic_model_parallel(ModelParallelStrategy)(data_parallel_size=devices * tc.num_nodes,
+                                                             tensor_parallel_size=1, save_distributed_checkpoint=True)
     raise ConfigError(f"trainer.strategy must be auto, ddp or fsdp, got '{tc.strategy}'")
 
 
@@ -158,6 +346,9 @@ def _quiet_lightning() -> None:
     # With manual optimization Lightning asks for the weights from before the step; ours resume after it, with the
     # optimizer and step counter of that same moment, which is what makes a resumed run end where an unbroken one does.
     warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    # The data module saves and restores its loaders' position (data/datamodule.py); Lightning only looks for a
+    # state_dict on the loader itself and warns about every resume from the middle of an epoch.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     # Lightning 2.6 on torch 2.14 trips torch's own deprecation on every fit; nothing a user can change.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     # Lightning advertises its cloud logger on every start.
@@ -172,18 +363,19 @@ def build_trainer(cfg: DictConfig, run: RunDir, callbacks: list | None = None,
     tc = cfg.trainer
     _quiet_lightning()
     strategy = build_strategy(tc, find_unused_parameters=manual_optimization)
-    checkpoint = ModelCheckpoint(
+    checkpoint = StepCheckpoint(
         dirpath=run.checkpoints, filename="step{step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=tc.checkpoint_every_n_steps, save_last=True,
         monitor="step", mode="max", save_top_k=tc.keep_checkpoints,
     )
-    cbs: list = [checkpoint, RNGStateCheckpoint(), LearningRateMonitor(logging_interval="step"), _TrimLogsOnResume()]
+    cbs: list = [checkpoint, RNGStateCheckpoint(), LearningRateMonitor(logging_interval="step"), ResumableLogs(),
+                 StepSeed(cfg.seed), EpochStartCounters()]
     if tc.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, tc.log_every_n_steps)))
     if tc.max_time:
         cbs.append(TimeBudget())  # the schedules anneal by the time budget when it ends the run first
     cbs += callbacks or []
-    loggers = [TensorBoardLogger(save_dir=run.root, name="tb", version="", default_hp_metric=False),
+    loggers = [AtomicTensorBoardLogger(save_dir=run.root, name="tb", version="", default_hp_metric=False),
                # written at every log step (an append), so a killed run loses no more than its last row
                ResumableCSVLogger(save_dir=run.root, name="csv", version="",
                                   flush_logs_every_n_steps=tc.log_every_n_steps)]

@@ -1,5 +1,6 @@
 """SIGUSR1 inside a SLURM job step: save hpc_ckpt_N.ckpt at a step boundary, `scontrol requeue`, stop without export;
-the rerun resumes from it. Runs without a cluster: SLURM's environment variables and a recording `scontrol`."""
+the rerun resumes from it and ends exactly as an uninterrupted run. Runs without a cluster: SLURM's environment
+variables and a recording `scontrol` (tests/test_launch_slurm.py runs the same on a real one)."""
 from __future__ import annotations
 
 import glob
@@ -10,7 +11,8 @@ import time
 
 import pytest
 
-from _launch_helpers import REPO, env, final_step, make_data, train_cmd
+from _launch_helpers import REPO, env, final_step, make_data, run_train, train_cmd
+from _resume_helpers import assert_same_run
 from launch.requeue import next_hpc_checkpoint
 
 
@@ -32,13 +34,14 @@ def slurm_env(tmp_path) -> dict:
                 SLURM_NODEID="0")
 
 
-def test_sigusr1_saves_requeues_and_the_rerun_resumes(tmp_path):
+def test_sigusr1_saves_requeues_and_the_rerun_resumes_exactly(tmp_path):
+    """After SIGUSR1 the run saves, requeues and stops at a step boundary; the rerun (the same command, as the
+    requeued job runs it) ends exactly as an uninterrupted run: weights, optimizer state and every logged row."""
     data = make_data(str(tmp_path / "data"))
-    def cmd_until(steps: int) -> list[str]:
-        return train_cmd("bart_prior", data, str(tmp_path), "job", f"trainer.max_steps={steps}",
-                         f"trainer.val_check_interval={steps}", "trainer.checkpoint_every_n_steps=5")
-
-    cmd = cmd_until(400)
+    steps = 60
+    extra = (f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "trainer.checkpoint_every_n_steps=5",
+             "data.resampled=true")
+    cmd = train_cmd("bart_prior", data, str(tmp_path), "job", *extra)
     run = tmp_path / "job"
     proc = subprocess.Popen(cmd, cwd=REPO, env=slurm_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -53,11 +56,11 @@ def test_sigusr1_saves_requeues_and_the_rerun_resumes(tmp_path):
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     assert (run / "hpc_ckpt_1.ckpt").is_file() and not os.path.exists(run / "export")
     stopped_at = final_step(str(run))
-    assert 5 <= stopped_at < 400
+    assert 5 <= stopped_at < steps
 
-    end = (stopped_at // 5 + 2) * 5  # a step checkpoint is written at the end
-    rerun = subprocess.run(cmd_until(end), cwd=REPO, env=env(), capture_output=True, text=True,
-                           timeout=300)
+    rerun = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming from" in rerun.stderr and "hpc_ckpt_1.ckpt" in rerun.stderr
-    assert final_step(str(run)) == end and os.listdir(run / "export")
+    assert final_step(str(run)) == steps and os.listdir(run / "export")
+    run_train(train_cmd("bart_prior", data, str(tmp_path), "straight", *extra))
+    assert_same_run(str(tmp_path / "straight"), str(run), "bart_prior")

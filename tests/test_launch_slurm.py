@@ -38,7 +38,8 @@ def test_gpu_script_uses_gpus_per_node(tmp_path):
 import glob  # noqa: E402
 import time  # noqa: E402
 
-from _launch_helpers import COMPONENTS, final_step, make_data, train_cmd  # noqa: E402
+from _launch_helpers import COMPONENTS, final_step, make_data, run_train, train_cmd  # noqa: E402
+from _resume_helpers import assert_same_run  # noqa: E402
 from slurm_cluster import ensure_installed, slurm_cluster, wait_for_job  # noqa: E402
 
 
@@ -80,12 +81,14 @@ def test_two_task_job_trains_and_exports(component, cluster, data, tmp_path):
 
 
 @pytest.mark.slurm
-def test_sigusr1_checkpoints_requeues_and_resumes(cluster, data, tmp_path):
-    """What a preempted job sees: SIGUSR1 -> Lightning saves hpc_ckpt_1.ckpt and requeues; the requeued job resumes."""
-    steps = 300
-    cmd = train_cmd("bart_prior", data, str(tmp_path), "pre", "trainer.devices=2", "trainer.strategy=ddp",
-                    f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
-                    "trainer.checkpoint_every_n_steps=10")
+def test_sigusr1_checkpoints_requeues_and_resumes_exactly(cluster, data, tmp_path):
+    """What a preempted job sees: SIGUSR1 -> the job saves hpc_ckpt_1.ckpt at a step boundary and requeues; the
+    requeued job resumes and ends exactly as an uninterrupted 2-rank run: exported weights, last.ckpt's optimizer
+    state and every logged row equal."""
+    steps = 100
+    extra = ("trainer.devices=2", "trainer.strategy=ddp", f"trainer.max_steps={steps}",
+             f"trainer.val_check_interval={steps}", "trainer.checkpoint_every_n_steps=10", "data.resampled=true")
+    cmd = train_cmd("bart_prior", data, str(tmp_path), "pre", *extra)
     job = submit(cmd, cluster)
     run = tmp_path / "pre"
     deadline = time.time() + 180
@@ -102,6 +105,8 @@ def test_sigusr1_checkpoints_requeues_and_resumes(cluster, data, tmp_path):
         assert time.time() < deadline, info + job_log(run)[-3000:]
         time.sleep(0.5)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster, check=True)
+    # meanwhile, the uninterrupted run: the same 2 ranks, launched here
+    run_train(train_cmd("bart_prior", data, str(tmp_path), "straight", *extra), timeout=600)
     state = wait_for_job(job, cluster, timeout=400)
     log = job_log(run)
     assert state == "COMPLETED", f"{state}\n{log[-1500:]}"
@@ -111,3 +116,4 @@ def test_sigusr1_checkpoints_requeues_and_resumes(cluster, data, tmp_path):
     assert "requeue signal: saving" in log and "requeued SLURM job" in log
     assert "resuming from" in log and "hpc_ckpt" in log
     assert final_step(str(run)) == steps
+    assert_same_run(str(tmp_path / "straight"), str(run), "bart_prior")

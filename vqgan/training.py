@@ -117,10 +117,17 @@ class VQGANModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["quantizer_restart"] = self.vqgan.quantize.restart_state()  # rank 0's, like the RNG states
+        # the window of recent code indices behind train/codebook_usage and train/perplexity (not in the state dict)
+        usage = self.vqgan.quantize.usage
+        checkpoint["codebook_usage"] = {"ring": usage.ring.detach().cpu().clone(), "pos": usage.pos}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "quantizer_restart" in checkpoint:  # absent from checkpoints written before it was saved
             self.vqgan.quantize.load_restart_state(checkpoint["quantizer_restart"])
+        usage = checkpoint.get("codebook_usage")
+        if usage is not None and usage["ring"].shape == self.vqgan.quantize.usage.ring.shape:
+            self.vqgan.quantize.usage.ring.copy_(usage["ring"])
+            self.vqgan.quantize.usage.pos = int(usage["pos"])
 
     def _images(self, batch: dict) -> torch.Tensor:
         x = batch["image"]
