@@ -32,7 +32,7 @@ from bart_prior.model import PriorConfig
 from bart_prior.prior import BartPrior
 from bart_prior.tokenizer import tokenizer_from_bpe_files
 from core.errors import ModelFolderError, UserError
-from core.files import atomic_file, atomic_folder, read_json
+from core.files import atomic_file, atomic_folder, atomic_update, read_json
 from core.flax_msgpack import flatten, read_flax_msgpack, unflatten, write_flax_msgpack
 
 SOURCES, TARGETS = ("dalle-mini", "min-dalle", "folder"), ("folder", "min-dalle", "dalle-mini")
@@ -309,13 +309,14 @@ def write_min_dalle(prior: BartPrior, out: str, variant: str, dtype: torch.dtype
     for file, name in ones:  # min-dalle's modules have a weight there; ones keep a strict load_state_dict working
         files[file][name] = torch.ones_like(files[file][name[: -len("weight")] + "bias"])
     vocab, merges = _bpe_files(prior)
-    for name, payload in ((enc, files[enc]), (dec, files[dec]), (f"vocab{suffix}.json", vocab),
-                          (f"merges{suffix}.txt", merges)):
-        with atomic_file(os.path.join(out, name), "w" if isinstance(payload, str) else "wb") as fh:
+    payloads = {enc: files[enc], dec: files[dec], f"vocab{suffix}.json": vocab, f"merges{suffix}.txt": merges}
+    with atomic_update(out, list(payloads)) as tmp:  # the four files change together: one version, never a mix
+        for name, payload in payloads.items():
             if isinstance(payload, str):
-                fh.write(payload)
+                with open(os.path.join(tmp, name), "w", encoding="utf-8") as fh:
+                    fh.write(payload)
             else:
-                torch.save(payload, fh)
+                torch.save(payload, os.path.join(tmp, name))
     notes = []
     if cfg.start_token_id != MIN_DALLE_START:
         notes.append(f"min-dalle starts decoding from {MIN_DALLE_START}, this prior from {cfg.start_token_id}: "

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from core.errors import ModelFolderError
-from core.files import (atomic_file, atomic_folder, check_safetensors, load_safetensors, load_state, read_json,
+from core.files import (atomic_file, atomic_folder, atomic_update, check_safetensors, load_safetensors, load_state, read_json,
                         recover_folder, write_json)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,3 +126,25 @@ def test_model_folder_errors_are_one_line_and_name_the_file(tmp_path):
         load_state(model, {"weight": torch.zeros(3, 4)}, "src")
     with pytest.raises(ModelFolderError, match="src: unexpected tensor 'extra'"):
         load_state(model, {"weight": torch.zeros(3, 4), "bias": torch.zeros(3), "extra": torch.zeros(1)}, "src")
+
+
+def test_atomic_update_replaces_its_files_together_and_keeps_the_others(tmp_path):
+    dest = tmp_path / "models"
+    dest.mkdir()
+    (dest / "a.pt").write_text("a1")
+    (dest / "b.pt").write_text("b1")
+    (dest / "detoker.pt").write_text("vqgan")
+    (dest / "sub").mkdir()
+    (dest / "sub" / "x").write_text("x")
+    with pytest.raises(RuntimeError):
+        with atomic_update(str(dest), ["a.pt", "b.pt"]) as tmp:
+            open(os.path.join(tmp, "a.pt"), "w").write("a2")
+            raise RuntimeError("the disk filled before b.pt")
+    assert (dest / "a.pt").read_text() == "a1" and (dest / "b.pt").read_text() == "b1"
+    with atomic_update(str(dest), ["a.pt", "b.pt"]) as tmp:
+        for name in ("a.pt", "b.pt"):
+            open(os.path.join(tmp, name), "w").write(name[0] + "2")
+    assert sorted(os.listdir(dest)) == ["a.pt", "b.pt", "detoker.pt", "sub"]
+    assert [(dest / n).read_text() for n in ("a.pt", "b.pt", "detoker.pt")] == ["a2", "b2", "vqgan"]
+    assert (dest / "sub" / "x").read_text() == "x"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporaries left
