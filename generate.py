@@ -4,7 +4,8 @@
     python generate.py --bundle DIR "a small red circle in the top left on a blue background" --candidates 16 --keep 4 \
         --out OUTDIR
 
-writes OUTDIR/grid.png (one row per prompt, best first), OUTDIR/PROMPT-INDEX_RANK.png and OUTDIR/results.json.
+writes OUTDIR/grid.png (one row per prompt, best first, the prompt written to the left of its row and each image's CLIP
+score under it; --bare-grid: the images alone), OUTDIR/PROMPT-INDEX_RANK.png and OUTDIR/results.json.
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                         "0 = the image alone): steadier scores for small details, at 1 + 8N times the CLIP cost")
     p.add_argument("--no-rank", action="store_true", help="keep the first K candidates, no CLIP")
     p.add_argument("--device", default=None)
+    p.add_argument("--bare-grid", action="store_true",
+                   help="grid.png without the prompts beside the rows and the CLIP scores under the images")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -99,7 +102,7 @@ def _check_args(args: argparse.Namespace) -> str | None:
 
 def _generate(args: argparse.Namespace) -> int:
     from core.files import write_json
-    from pipeline import Pipeline, make_grid, save_png
+    from pipeline import Pipeline, labelled_grid, make_grid, save_png
 
     pipe = Pipeline.from_pretrained(args.bundle, vqgan=args.vqgan, bart_prior=args.bart_prior,
                                     clip_rank=args.clip_rank, device=args.device, load_clip=not args.no_rank,
@@ -121,7 +124,13 @@ def _generate(args: argparse.Namespace) -> int:
             rows.append(torch.from_numpy(np.array(r.image)).permute(2, 0, 1))  # a copy: PIL's buffer is read-only
             records.append({"prompt": prompt, "prompt_index": i, "rank": r.rank, "candidate": r.candidate,
                             "seed": args.seed, "clip_score": r.score, "file": name})
-    save_png(make_grid(torch.stack(rows), nrow=len(results[0])), os.path.join(args.out, "grid.png"))
+    images, per_row = torch.stack(rows), len(results[0])
+    if args.bare_grid:
+        grid = make_grid(images, nrow=per_row)
+    else:  # the row's label starts with the prompt index of the file names NNN_RR.png
+        grid = labelled_grid(images, [f"{i:03d}  {prompt}" for i, prompt in enumerate(args.prompts)], nrow=per_row,
+                             scores=[r["clip_score"] for r in records] if rank else None)
+    save_png(grid, os.path.join(args.out, "grid.png"))
     settings = {k: v for k, v in vars(args).items() if k != "prompts"}
     for key in ("condition_scale", "temperature"):  # what was used: the bundle's stored default unless given
         settings[key] = getattr(pipe.prior.config, key) if settings[key] is None else settings[key]

@@ -25,7 +25,7 @@ import torch
 
 from core.files import atomic_file, write_json
 from demo.report_markdown import ATTRIBUTES, fmt as _fmt, fmt_gain, render as _markdown
-from pipeline.images import make_grid, save_png, to_uint8
+from pipeline.images import labelled_grid, make_grid, save_png, to_uint8
 
 
 def _oracle():
@@ -212,12 +212,14 @@ def _last_metrics(run_dir: str, keys: Sequence[str]) -> dict[str, Optional[float
 
 def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, scales: Sequence[float],
                  temperatures: Sequence[float] = (1.0,), timings: Optional[dict] = None, seed: int = 0,
-                 rank_shifts: int = 0, caps_minutes: Optional[dict] = None) -> dict:
+                 rank_shifts: int = 0, caps_minutes: Optional[dict] = None, bare_grid: bool = False) -> dict:
     """Evaluate the exported parts in ``out``; write report.json, report.md and grid.png into ``out``. The scale
     sweep samples at ``temperatures[0]``; the other temperatures are then tried at the best scale. The sweeps rank
     with one CLIP view; the chosen setting is then ranked with ``rank_shifts`` test-time views (as
     ``generate.py --rank-shifts`` ranks). ``timings``: seconds per stage run before; the report adds its own.
     ``caps_minutes``: the wall-clock caps the training stages ran under (the demo shortens them near its deadline).
+    grid.png: each row's prompt to its left ("held out: " before a held-out combination) and each candidate's CLIP
+    score under it; ``bare_grid``: the images alone.
     Returns the report; its ``sampling`` entry holds the chosen settings, which the demo stores in its bundle."""
     from pipeline import Pipeline
 
@@ -251,8 +253,10 @@ def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, sca
     chosen_drawn = runs[t_keys[best_t]][2]
     chosen_rows = _ranked(pipe.ranker, prompts, chosen_drawn, rank_shifts)
     chosen = _summaries(chosen_rows)
-    chosen_grids = {row["prompt"]: u8[torch.tensor(row["clip_scores"]).argsort(descending=True)]
-                    for row, (_, u8, _, _) in zip(chosen_rows, chosen_drawn)}
+    chosen_grids = {}  # prompt -> (its candidates best first, their CLIP scores, held out?)
+    for row, (_, u8, _, _) in zip(chosen_rows, chosen_drawn):
+        order = torch.tensor(row["clip_scores"]).argsort(descending=True)
+        chosen_grids[row["prompt"]] = (u8[order], [row["clip_scores"][i] for i in order.tolist()], row["held_out"])
     details = {key: r[1] for key, r in runs.items()} | {"chosen": chosen_rows}
     sampling = {"condition_scale": float(best), "temperature": float(best_t)}
     report = {"condition_scale": best, "temperature": float(best_t), "sampling": sampling,
@@ -266,10 +270,15 @@ def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, sca
               "clip": _last_metrics(os.path.join(out, "clip_rank"), ["val/t2i_R@1", "val/i2t_R@1"]),
               "timings_s": {**(timings or {}), "report": round(time.time() - started, 1)},
               "caps_minutes": dict(caps_minutes or {})}
-    shown = [p for p, _ in prompts[:6]] + [p for p, h in prompts if h][:6]
+    shown = list(dict.fromkeys([p for p, _ in prompts[:6]] + [p for p, h in prompts if h][:6]))
     keep = min(4, candidates)
-    rows = torch.cat([chosen_grids[p][:keep] for p in dict.fromkeys(shown)])
-    save_png(make_grid(rows, nrow=keep), os.path.join(out, "grid.png"))
+    rows = torch.cat([chosen_grids[p][0][:keep] for p in shown])
+    if bare_grid:
+        grid = make_grid(rows, nrow=keep)
+    else:
+        grid = labelled_grid(rows, [("held out: " if chosen_grids[p][2] else "") + p for p in shown], nrow=keep,
+                             scores=[s for p in shown for s in chosen_grids[p][1][:keep]])
+    save_png(grid, os.path.join(out, "grid.png"))
     write_json(os.path.join(out, "report.json"), report)
     write_json(os.path.join(out, "report_details.json"), details)
     with atomic_file(os.path.join(out, "report.md")) as fh:

@@ -86,5 +86,6 @@ def render(report: dict) -> str:
     if report.get("caps_minutes"):
         lines += ["Training caps (minutes; the demo shortens a cap to end by its deadline): " + ", ".join(
             f"{k} {v:g}" for k, v in report["caps_minutes"].items()), ""]
-    lines += ["![grid](grid.png)", "", "Rows: prompts (seen first, then held-out); columns: ranked best first.", ""]
+    lines += ["![grid](grid.png)", "", "Rows: prompts, each written to the left of its row (seen first, then "
+              "held-out); columns: its candidates as CLIP ranks them, best first, with the CLIP score under each.", ""]
     return "\n".join(lines)

@@ -7,7 +7,7 @@
 """
 from pipeline.bundle import BundleError, assemble_bundle, check_fit, load_parts
 from pipeline.generation import GeneratedImage, Pipeline
-from pipeline.images import make_grid, save_png, to_uint8
+from pipeline.images import labelled_grid, make_grid, save_png, to_uint8
 
-__all__ = ["BundleError", "GeneratedImage", "Pipeline", "assemble_bundle", "check_fit", "load_parts", "make_grid",
-           "save_png", "to_uint8"]
+__all__ = ["BundleError", "GeneratedImage", "Pipeline", "assemble_bundle", "check_fit", "labelled_grid", "load_parts",
+           "make_grid", "save_png", "to_uint8"]

@@ -70,7 +70,13 @@ def test_cli_writes_grid_images_and_ranked_results(bundle, tmp_path):
                          cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     grid = Image.open(out / "grid.png")
-    assert grid.size == (3 * 34 + 2, 2 * 34 + 2)  # 3 kept per row, 2 prompts, 32 px images, 2 px padding
+    bare = (3 * 34 + 2, 2 * 34 + 2)  # 3 kept per row, 2 prompts, 32 px images, 2 px padding
+    # labelled: each row's prompt in a strip on the left, each image's CLIP score on a line under it
+    assert grid.size[0] > bare[0] and grid.size[1] > bare[1]
+    pixels = np.asarray(grid)
+    strip = pixels[:, : grid.size[0] - bare[0]]
+    for row in np.array_split(strip[2:], 2):  # each prompt's label region has ink
+        assert (row < 128).any()
     saved = json.load(open(out / "results.json"))
     results = saved["results"]
     assert len(results) == 6
@@ -83,6 +89,14 @@ def test_cli_writes_grid_images_and_ranked_results(bundle, tmp_path):
         assert len({r["candidate"] for r in rows}) == 3 and all(0 <= r["candidate"] < 5 for r in rows)
         for r in rows:
             assert Image.open(out / r["file"]).size == (32, 32)
+            assert r["file"] == f"{r['prompt_index']:03d}_{r['rank']:02d}.png"
+    # --bare-grid: the images alone, as before; --no-rank: the labels without scores
+    for flags, size in ((["--bare-grid"], bare), (["--no-rank"], (grid.size[0], bare[1]))):
+        res = subprocess.run([sys.executable, "generate.py", "--bundle", bundle, "a red circle", "ein Quadrat ✓",
+                              "--candidates", "5", "--keep", "3", *flags, "--out", str(tmp_path / flags[0])],
+                             cwd=REPO, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert Image.open(tmp_path / flags[0] / "grid.png").size == size, flags
 
 
 def test_same_seed_same_images_and_batch_size_does_not_matter(bundle):
