@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 REFERENCES := min-dalle==0.4.11 dalle-mini==0.1.5 taming-transformers-rom1504==0.0.6 einops==0.8.2
 
-.PHONY: demo test test-slow test-all bench install clean
+.PHONY: demo emoji test test-slow test-all bench install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ test-all: test test-slow
 
 demo: $(STAMP)
 	$(BIN)/python -m demo
+
+# the worked example on real images (docs/emoji.md): needs `apt-get install -y fonts-noto-color-emoji`
+emoji: $(STAMP)
+	$(BIN)/python -m demo emoji
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     emoji.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     emoji.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     emoji.add_argument("--font", help="TrueType font (default: Debian fonts-noto-color-emoji's NotoColorEmoji.ttf)")
+    emoji.add_argument("--as-folder", action="store_true",
+                       help="write OUT/train and OUT/val as folders of STEM.png + STEM.txt (caption), the input of "
+                            "`prepare folder`, instead of shards (python -m demo emoji starts from it)")
 
     folder = prep.add_parser("folder", help="images with same-stem .txt captions, or --captions CSV/JSONL")
     folder.add_argument("--src", required=True, help="folder of images (searched recursively)")
@@ -60,6 +63,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             m = prepare_shapes(args.out, args.num_samples, resolution=args.resolution, seed=args.seed,
                                shard_size=args.shard_size, val_fraction=args.val_fraction, progress=progress)
             result = {"out": args.out, "counts": m["counts"], "splits": m["splits"]}
+        elif args.source == "emoji" and args.as_folder:
+            from data.emoji import write_folder
+
+            m = write_folder(args.out, resolution=args.resolution, val_fraction=args.val_fraction, seed=args.seed,
+                             font=args.font, progress=progress)
+            result = {"out": args.out, "candidates": m["candidates"], "counts": m["counts"], "skipped": m["skipped"],
+                      "splits": {split: f"{args.out}/{split}" for split in m["counts"]}}
         elif args.source == "emoji":
             m = prepare_emoji(args.out, resolution=args.resolution, val_fraction=args.val_fraction, seed=args.seed,
                               shard_size=args.shard_size, font=args.font, progress=progress)

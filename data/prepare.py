@@ -13,7 +13,6 @@ import io
 import json
 import math
 import os
-import random
 from collections import Counter
 from typing import Any, Callable, Iterable, Optional
 
@@ -155,20 +154,9 @@ def prepare_emoji(out: str, resolution: int = 64, val_fraction: float = 0.05, se
                 "names": names_version, "names_sha256": hashlib.sha256(table).hexdigest(),
                 "layout": emoji_set.layout_engine()}
     _refuse_other_settings(out, settings, "an emoji set")
-    kept: list[tuple[str, bytes]] = []
-    skipped: dict[str, list[str]] = {reason: [] for reason in emoji_set.SKIP_REASONS}
-    for text in sorted(names):
-        image, reason = emoji_set.render(text, loaded, resolution)
-        if image is None:
-            skipped[reason].append(names[text])
-        else:
-            kept.append((text, emoji_set.png_bytes(image)))
-    if len(kept) < 2:
-        raise DataError(f"only {len(kept)} of {len(names)} emoji rendered with {font_path}; need >= 2")
-    order = list(range(len(kept)))
-    random.Random(seed).shuffle(order)
-    n_val = min(len(kept) - 1, max(1, round(len(kept) * val_fraction)))
-    split_items = {"val": order[:n_val], "train": order[n_val:]}
+    rendered, skipped, split_items = emoji_set.render_split(names, loaded, resolution, seed, val_fraction, font_path)
+    kept = [(text, emoji_set.png_bytes(image)) for text, image in rendered]
+    n_val = len(split_items["val"])
     os.makedirs(out, exist_ok=True)
     _write_json(os.path.join(out, PENDING), {"settings": settings})
     manifest: dict[str, Any] = {

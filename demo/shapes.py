@@ -238,6 +238,54 @@ def _bundle_holds(out: str, sampling: dict[str, float]) -> bool:
         return False
 
 
+def run_stages(stage_list: list[tuple[str, Callable[[], bool], list[list[str]]]], lanes_spec, out: str,
+               force: list[str], deadline: Optional[float],
+               threads: Optional[int] = None) -> tuple[dict[str, float], dict[str, float]]:
+    """Run the stages of ``stage_list`` (name, done?, commands) that are not done (or are in ``force``), in order;
+    the consecutive stages named in ``lanes_spec`` run side by side (:func:`_run_lanes`, logs in OUT/logs), the
+    others in the foreground (with ``threads``, on that many threads each: :func:`_with_threads`). Training commands
+    are shortened to end by ``deadline`` (:func:`fit_to_deadline`).
+    Returns (seconds per stage run, each training stage's wall-clock cap in minutes)."""
+    timings: dict[str, float] = {}
+    caps: dict[str, float] = {}
+
+    def prepare(cmd: list[str]) -> list[str]:
+        cmd, note = fit_to_deadline(cmd, deadline)
+        if threads:
+            cmd = _with_threads(cmd, threads)
+        if note:
+            print(f"  [{cmd[2]}] {note}", flush=True)
+        found = _cap(cmd)
+        if found is not None:
+            caps[cmd[2]] = round(found[1] / 60, 2)
+        return cmd
+
+    todo = []
+    for name, done, commands in stage_list:
+        if done() and name not in force:
+            print(f"[{name}] done already, skipped (--force {name} reruns it)")
+        else:
+            todo.append((name, commands))
+    names, commands_of = [name for name, _ in todo], dict(todo)
+    lanes = [[(name, commands_of[name]) for name in lane if name in commands_of] for lane in lanes_spec]
+    lanes = [lane for lane in lanes if lane] if sum(1 for lane in lanes if lane) > 1 else []
+    in_lanes = {name for lane in lanes for name, _ in lane}
+    if in_lanes and max(names.index(n) for n in in_lanes) - min(names.index(n) for n in in_lanes) >= len(in_lanes):
+        raise SystemExit(f"demo preset: the stages of the lanes {lanes_spec} must be consecutive")
+    for name, commands in todo:
+        if name in in_lanes:
+            if name == min(in_lanes, key=names.index):
+                print(f"\n[{' | '.join(' -> '.join(n for n, _ in lane) for lane in lanes)}]", flush=True)
+                timings.update(_run_lanes(lanes, os.path.join(out, "logs"), prepare))
+            continue
+        print(f"\n[{name}]", flush=True)
+        t0 = time.time()
+        for cmd in commands:
+            _run(cmd, prepare)
+        timings[name] = round(time.time() - t0, 1)
+    return timings, caps
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
@@ -252,59 +300,27 @@ def main(argv: list[str] | None = None) -> int:
                         "report; scaled by --time-scale): training stages that start late get only the time left "
                         "before it; 0: the caps alone".format(PRESETS["full"].budget_minutes,
                                                               PRESETS["full"].reserve_minutes))
+    p.add_argument("--bare-grid", action="store_true", help="grid.png without the prompts and CLIP scores")
     args = p.parse_args(argv)
     started = time.time()
     out = os.path.abspath(args.out)
     preset = PRESETS[args.preset]
-    timings: dict[str, float] = {}
     if args.time_scale <= 0:
         p.error("--time-scale must be positive")
     budget = (preset.budget_minutes or 0) if args.budget is None else args.budget
     if budget < 0 or (budget and budget <= preset.reserve_minutes):
         p.error(f"--budget must be 0 or more than the {preset.reserve_minutes:g} minutes left for the report")
     deadline = started + (budget - preset.reserve_minutes) * 60 * args.time_scale if budget else None
-    caps: dict[str, float] = {}
-
-    def prepare(cmd: list[str]) -> list[str]:
-        cmd, note = fit_to_deadline(cmd, deadline)
-        if note:
-            print(f"  [{cmd[2]}] {note}", flush=True)
-        found = _cap(cmd)
-        if found is not None:
-            caps[cmd[2]] = round(found[1] / 60, 2)
-        return cmd
-
     if deadline:
         print(f"budget: {budget * args.time_scale:g} minutes; training ends by "
               f"{time.strftime('%H:%M:%S', time.localtime(deadline))}", flush=True)
-    todo = []
-    for name, done, commands in stages(out, preset, args.time_scale):
-        if done() and name not in args.force:
-            print(f"[{name}] done already, skipped (--force {name} reruns it)")
-        else:
-            todo.append((name, commands))
-    names, commands_of = [name for name, _ in todo], dict(todo)
-    lanes = [[(name, commands_of[name]) for name in lane if name in commands_of] for lane in preset.lanes]
-    lanes = [lane for lane in lanes if lane] if sum(1 for lane in lanes if lane) > 1 else []
-    in_lanes = {name for lane in lanes for name, _ in lane}
-    if in_lanes and max(names.index(n) for n in in_lanes) - min(names.index(n) for n in in_lanes) >= len(in_lanes):
-        raise SystemExit(f"demo preset: the stages of the lanes {preset.lanes} must be consecutive")
-    for name, commands in todo:
-        if name in in_lanes:
-            if name == min(in_lanes, key=names.index):
-                print(f"\n[{' | '.join(' -> '.join(n for n, _ in lane) for lane in lanes)}]", flush=True)
-                timings.update(_run_lanes(lanes, os.path.join(out, "logs"), prepare))
-            continue
-        print(f"\n[{name}]", flush=True)
-        t0 = time.time()
-        for cmd in commands:
-            _run(cmd, prepare)
-        timings[name] = round(time.time() - t0, 1)
+    timings, caps = run_stages(stages(out, preset, args.time_scale), preset.lanes, out, args.force, deadline)
     from demo.evaluate import write_report
 
     sampling = write_report(out, num_seen=preset.eval_prompts[0], num_heldout=preset.eval_prompts[1],
                             candidates=preset.candidates, scales=preset.scales, temperatures=preset.temperatures,
-                            rank_shifts=preset.rank_shifts, timings=timings, caps_minutes=caps)["sampling"]
+                            rank_shifts=preset.rank_shifts, timings=timings, caps_minutes=caps,
+                            bare_grid=args.bare_grid)["sampling"]
     # a stage that ran in this invocation may have changed a part: the bundle is then assembled again
     if _bundle_holds(out, sampling) and not timings and "bundle" not in args.force:
         print("[bundle] done already, skipped (--force bundle reruns it)")
