@@ -32,7 +32,7 @@ from bart_prior.model import PriorConfig
 from bart_prior.prior import BartPrior
 from bart_prior.tokenizer import tokenizer_from_bpe_files
 from core.errors import ModelFolderError, UserError
-from core.files import atomic_file, atomic_folder, atomic_update, read_json
+from core.files import atomic_folder, atomic_update, read_json
 from core.flax_msgpack import flatten, read_flax_msgpack, unflatten, write_flax_msgpack
 
 SOURCES, TARGETS = ("dalle-mini", "min-dalle", "folder"), ("folder", "min-dalle", "dalle-mini")

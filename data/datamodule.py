@@ -12,7 +12,7 @@ ranks x workers; either way every sample is seen exactly once per validation (pe
 Resume: every random stream of the train pipeline (shard order or draw, shuffle buffer, crop and flip) is a function
 of (data.seed, rank, reader, epoch), and each batch carries its reader's position; checkpoints save the positions
 (:meth:`ShardDataModule.state_dict`) and a resumed run continues every reader where it stopped, in the same order
-across loader workers, so it reads exactly the batches an uninterrupted run reads (see :class:`_Reader`).
+across loader workers, so it reads exactly the batches an uninterrupted run reads (data.stages.Reader).
 
 Skipped samples: each batch carries ``batch["skipped"]`` (counts since the previous batch of that worker). The
 module's ``on_before_batch_transfer`` hook removes it before the LightningModule sees the batch and adds it to
@@ -21,243 +21,21 @@ ranks as ``data/skipped_<kind>`` every ``log_every_n_steps``.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import random
 import warnings
-from itertools import islice
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from data.config import DataConfig, check_values
-from data.decode import SKIP_KINDS, SampleDecoder, SkipCounter, SkipTally, collate
+from data.decode import SKIP_KINDS, SampleDecoder, SkipCounter, SkipTally
 from data.errors import DataError
 from data.shards import _is_url, count_samples, expand_pattern, read_stages
-
-
-def _worker() -> tuple[int, int]:
-    info = get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
-class _RankSplit:
-    """nodesplitter: every ``world``-th shard, starting at ``rank`` (picklable, so spawned workers work too)."""
-
-    def __init__(self, rank: int, world: int):
-        self.rank, self.world = rank, world
-
-    def __call__(self, src):
-        yield from islice(src, self.rank, None, self.world)
-
-
-class _SampleSplit:
-    """Every reader scans all shards and keeps the samples of its slot among ranks x workers (small val sets)."""
-
-    def __init__(self, rank: int, world: int):
-        self.rank, self.world = rank, world
-
-    def __call__(self, src):
-        worker, workers = _worker()
-        slot, slots = self.rank * workers + worker, self.world * workers
-        for i, sample in enumerate(src):
-            if i % slots == slot:
-                yield sample
-
-
-def _seed64(text: str) -> int:
-    """A 64-bit seed from a string (stable across processes and Python runs, unlike ``hash``)."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-
-
-class _Reader:
-    """Bookkeeping of one copy of the train pipeline (one per DataLoader worker; the main process's with
-    num_workers 0), shared by its stages: which epoch the current pass reads, which reader it plays, how far it got.
-
-    Every random stream of a pass is a function of (data.seed, rank, reader, epoch) alone: the shard draw
-    (resampled) or shard order (else: seed and epoch only, the same on every rank), the shuffle buffer, and each
-    sample's crop/flip (also of its index in the pass). The position of a reader is (batches it yielded, raw samples
-    its decoder consumed, corrupt ones included) in the epoch; every batch carries it (``batch["reader"]``).
-
-    A resumed run's first pass starts from the checkpoint's positions: each reader skips the raw samples it had
-    consumed (before decoding, so a skip is cheap) and the loader's round robin, which restarts at worker 0, is
-    rotated: physical worker p plays reader (p + next) mod workers, ``next`` being the reader that was due. So the
-    batches come in the uninterrupted run's order, with any number of workers.
-    """
-
-    def __init__(self, rank: int, world: int, seed: int, start_epoch: int = 0, resume: Optional[dict] = None):
-        self.rank, self.world, self.seed = rank, world, seed
-        self.start_epoch = start_epoch
-        self.resume = resume  # {"next": reader due, "done": [[batches, samples] per reader]}
-        self.passes = 0
-        self.epoch = start_epoch
-        self.worker, self.workers = 0, 1
-        self.batches = self.samples = 0
-        self.skip_samples = 0
-        self.counter: Optional[SkipCounter] = None
-
-    def begin_pass(self) -> None:
-        if self.counter is not None:
-            # skips after this reader's last batch of the previous epoch: they come with no batch of that epoch,
-            # and a run resumed at the epoch's end would not read them again; counting them nowhere keeps the
-            # counts of a resumed run equal to an uninterrupted one's
-            self.counter.take()
-        physical, workers = _worker()
-        self.epoch = self.start_epoch + self.passes
-        self.worker, self.workers = physical, workers
-        skip_batches = self.skip_samples = 0
-        if self.passes == 0 and self.resume is not None:
-            self.worker = (physical + self.resume["next"]) % workers
-            skip_batches, self.skip_samples = (int(n) for n in self.resume["done"][self.worker])
-        self.passes += 1
-        self.batches, self.samples = skip_batches, self.skip_samples
-
-    def stream(self, what: str) -> str:
-        return f"{self.seed}/{what}/{self.rank}/{self.worker}/{self.epoch}"
-
-    def stamp(self) -> dict[str, int]:
-        return {"worker": self.worker, "workers": self.workers, "batches": self.batches, "samples": self.samples}
-
-
-class _TrainShards(IterableDataset):
-    """First stage: starts a pass of the reader, then yields its shards. Resampled: drawn with replacement, without
-    end, from the reader's own stream. Otherwise: the epoch's permutation of the set (the same on every rank), split
-    by rank, then by reader: every (rank, reader) reads a disjoint set of whole shards."""
-
-    def __init__(self, urls: list[str], reader: _Reader, resampled: bool):
-        super().__init__()
-        self.urls, self.reader, self.resampled = list(urls), reader, resampled
-
-    def __iter__(self) -> Iterator[dict[str, str]]:
-        # not a generator: the pass begins when the pipeline is put together, before the later stages read the
-        # reader's epoch and role
-        r = self.reader
-        r.begin_pass()
-        if self.resampled:
-            return self._draw(random.Random(r.stream("shards")))
-        order = list(self.urls)
-        random.Random(f"{r.seed}/order/{r.epoch}").shuffle(order)
-        return iter([{"url": url} for url in order[r.rank::r.world][r.worker::r.workers]])
-
-    def _draw(self, rng: random.Random) -> Iterator[dict[str, str]]:
-        while True:
-            yield {"url": self.urls[rng.randrange(len(self.urls))]}
-
-
-class _SampleShuffle:
-    """Shuffle buffer drawing from the reader's stream for the epoch: reproducible, different in every reader."""
-
-    def __init__(self, bufsize: int, reader: _Reader):
-        self.bufsize, self.reader = bufsize, reader
-
-    def __call__(self, src):
-        rng = random.Random(self.reader.stream("shuffle"))
-        return wds.filters._shuffle(src, self.bufsize, min(self.bufsize, 256), rng)
-
-
-class _Skip:
-    """On the first pass of a resumed run: drops the raw samples this reader had consumed before the checkpoint, and
-    the skip counts that reading them again produced (those were delivered with the batches before it)."""
-
-    def __init__(self, reader: _Reader, counter: SkipCounter):
-        self.reader, self.counter = reader, counter
-
-    def __call__(self, src):
-        n = self.reader.skip_samples
-        if n:
-            src = iter(src)
-            for _ in islice(src, n):
-                pass
-            self.counter.take()
-        yield from src
-
-
-class _EpochLimit:
-    """Ends each pass of an endless (resampled) stream when this reader has yielded ``batches`` batches in the epoch
-    (a resumed pass counts those yielded before the checkpoint)."""
-
-    def __init__(self, batches: int, reader: _Reader):
-        self.batches, self.reader = batches, reader
-
-    def __call__(self, src):
-        if self.reader.batches >= self.batches:
-            return
-        for batch in src:
-            yield batch
-            if self.reader.batches >= self.batches:
-                return
-
-
-class _Decode:
-    """The decoding stage: raw samples -> decoded ones, corrupt ones skipped (and counted by the decoder). Counts the
-    raw samples consumed (the reader's position) and draws each sample's crop and flip from a generator seeded by
-    the reader's stream and the sample's index in the pass.
-
-    An endless (resampled) stream in which nothing decodes would never yield a batch, and the run would wait forever.
-    Shards are drawn with replacement, so a set with g good samples out of n shows a run of more than ``20 n``
-    skipped samples in a row with probability about exp(-20 g): after that many, this stage stops the run with a
-    DataError instead (``samples``: the set's size, None when unknown, e.g. remote shards: no check)."""
-
-    RUN_FACTOR = 20
-
-    def __init__(self, decoder: SampleDecoder, samples: Optional[int], endless: bool, reader: _Reader):
-        self.decoder, self.reader = decoder, reader
-        self.limit = self.RUN_FACTOR * samples if endless and samples else None
-
-    def __call__(self, src):
-        failed = 0
-        random_augment = self.decoder.random_crop or self.decoder.random_flip
-        generator = torch.Generator() if random_augment else None
-        base = _seed64(self.reader.stream("augment"))
-        for sample in src:
-            if generator is not None:
-                generator.manual_seed((base + self.reader.samples * 0x9E3779B97F4A7C15) % 2 ** 64)
-            self.reader.samples += 1
-            out = self.decoder(sample, generator)
-            if out is not None:
-                failed = 0
-                yield out
-                continue
-            failed += 1
-            if self.limit is not None and failed > self.limit:
-                totals = ", ".join(f"{n} {k}" for k, n in self.decoder.counter.totals.items() if n)
-                raise DataError(f"no sample of data.train decodes: {failed} skipped in a row in a set of "
-                                f"{self.limit // self.RUN_FACTOR} ({totals}); check it with `python -m data inspect`")
-
-
-class _Batch:
-    """Groups decoded samples into batches, collating a batch as soon as it is full (webdataset's ``batched``
-    collates only when the next sample arrives, one sample late for the reader's position)."""
-
-    def __init__(self, size: int, collate: "_Collate", partial: bool):
-        self.size, self.collate, self.partial = size, collate, partial
-
-    def __call__(self, src):
-        batch: list = []
-        for sample in src:
-            batch.append(sample)
-            if len(batch) == self.size:
-                yield self.collate(batch)
-                batch = []
-        if batch and self.partial:
-            yield self.collate(batch)
-
-
-class _Collate:
-    """Stacks a batch; in the train pipeline also stamps it with the reader's position (``batch["reader"]``)."""
-
-    def __init__(self, counter: SkipCounter, reader: Optional[_Reader] = None):
-        self.counter, self.reader = counter, reader
-
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = collate(samples, self.counter)
-        if self.reader is not None:
-            self.reader.batches += 1
-            batch["reader"] = self.reader.stamp()
-        return batch
+from data.stages import (Batch, Collate, Decode, EpochLimit, RankSplit, Reader, SampleShuffle, SampleSplit, Skip,
+                         TrainShards)
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -333,20 +111,20 @@ class ShardDataModule(pl.LightningDataModule):
                 warnings.warn("data.resampled is false on several ranks: ranks may get unequal batch counts per "
                               "epoch (shards differ in size); set data.resampled=true for multi-rank training")
         resume, self._resume = self._resume, None  # the first loader after load_state_dict continues the epoch
-        reader = _Reader(rank, world, int(c.seed), start_epoch=resume["epoch"] if resume else 0,
+        reader = Reader(rank, world, int(c.seed), start_epoch=resume["epoch"] if resume else 0,
                          resume={"next": resume["next"], "done": resume["done"]} if resume else None)
         counter = SkipCounter()
         self._train_counter = reader.counter = counter
-        stages: list = [_TrainShards(urls, reader, c.resampled), *read_stages(counter)]
+        stages: list = [TrainShards(urls, reader, c.resampled), *read_stages(counter)]
         if c.shuffle_buffer > 1:
-            stages.append(_SampleShuffle(c.shuffle_buffer, reader))
+            stages.append(SampleShuffle(c.shuffle_buffer, reader))
         if resume:
-            stages.append(_Skip(reader, counter))
-        stages += [_Decode(self._decoder(True, counter), self._set_size(urls), endless=c.resampled, reader=reader),
-                   _Batch(c.batch_size, _Collate(counter, reader), partial=not c.drop_last)]
+            stages.append(Skip(reader, counter))
+        stages += [Decode(self._decoder(True, counter), self._set_size(urls), endless=c.resampled, reader=reader),
+                   Batch(c.batch_size, Collate(counter, reader), partial=not c.drop_last)]
         if c.resampled:
             steps = self.steps_per_epoch()
-            stages.append(_EpochLimit(steps // self._readers, reader))
+            stages.append(EpochLimit(steps // self._readers, reader))
             return wds.DataPipeline(*stages).with_length(steps, silent=True)
         return wds.DataPipeline(*stages)
 
@@ -358,12 +136,12 @@ class ShardDataModule(pl.LightningDataModule):
         rank, world = self.rank_world()
         counter = SkipCounter()
         if len(urls) >= world * self._readers:
-            stages: list = [wds.SimpleShardList(urls), _RankSplit(rank, world), wds.split_by_worker,
+            stages: list = [wds.SimpleShardList(urls), RankSplit(rank, world), wds.split_by_worker,
                             *read_stages(counter)]
         else:
-            stages = [wds.SimpleShardList(urls), *read_stages(counter), _SampleSplit(rank, world)]
+            stages = [wds.SimpleShardList(urls), *read_stages(counter), SampleSplit(rank, world)]
         stages += [wds.map(self._decoder(False, counter)),
-                   wds.batched(c.val_batch_size or c.batch_size, collation_fn=_Collate(counter), partial=True)]
+                   wds.batched(c.val_batch_size or c.batch_size, collation_fn=Collate(counter), partial=True)]
         return wds.DataPipeline(*stages)
 
     def _loader(self, dataset: wds.DataPipeline) -> DataLoader:
@@ -425,12 +203,12 @@ class ShardDataModule(pl.LightningDataModule):
                 "ranks": self._gather(mine)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next train loader continues the saved epoch exactly where the checkpoint was taken (see
-        :class:`_Reader`), with the same number of ranks and loader workers as the run that wrote it. With another
-        number (or a checkpoint written before readers' positions were saved) each reader skips an equal share of
-        the consumed batches, counted as ``data.batch_size`` samples each: the same batches only if every reader
-        read whole batches without corrupt samples and kept its shards, which another split does not (a warning
-        says so)."""
+        """Resume: the next train loader continues the saved epoch exactly where the checkpoint was taken
+        (:class:`data.stages.Reader`), with the same number of ranks and loader workers as the run that wrote it.
+        With another number (or a checkpoint written before readers' positions were saved) each reader skips an
+        equal share of the consumed batches, counted as ``data.batch_size`` samples each: the same batches only if
+        every reader read whole batches without corrupt samples and kept its shards, which another split does not
+        (a warning says so)."""
         self.position = dict(state.get("position", self.position))
         rank, world = self.rank_world()
         ranks = state.get("ranks") or []

@@ -341,7 +341,7 @@ def _drop_tips(record: logging.LogRecord) -> bool:
 def _quiet_lightning() -> None:
     """Keep Lightning's advice that does not apply to our runs out of their logs (each line says why it does not)."""
     # Lightning warns about every IterableDataset with a length; ours has one only with data.resampled, where each
-    # loader worker stops at exactly its share of the epoch (data/datamodule.py, _EpochLimit), so it is exact.
+    # loader worker stops at exactly its share of the epoch (data/stages.py, EpochLimit), so it is exact.
     warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
     # With manual optimization Lightning asks for the weights from before the step; ours resume after it, with the
     # optimizer and step counter of that same moment, which is what makes a resumed run end where an unbroken one does.

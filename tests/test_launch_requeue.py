@@ -9,7 +9,6 @@ import signal
 import subprocess
 import time
 
-import pytest
 
 from _launch_helpers import REPO, env, final_step, make_data, run_train, train_cmd
 from _resume_helpers import assert_same_run

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from tests._vqgan_helpers import one_thread  # noqa: F401  (autouse fixture)

@@ -5,7 +5,6 @@ import csv
 import glob
 import os
 
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch

@@ -9,9 +9,7 @@ import json
 import os
 import sys
 
-import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from launch.config import RunConfig, load_config
