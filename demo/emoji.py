@@ -19,7 +19,7 @@ output exists, so a rerun continues where the last one stopped:
   generate    python generate.py --bundle OUT/bundle CAPTION ... --out OUT/samples/val   (val captions), and
               OUT/samples/new (prompts that are no caption of the set)
 
-then OUT/report.md (and report.json): the VQGAN on val (PSNR, SSIM, LPIPS where the VGG16 weights are present,
+then OUT/report/report.md (and report.json): the VQGAN on val (PSNR, SSIM, LPIPS where the VGG16 weights are present,
 codebook usage), the prior's val loss and caption gain, CLIP recall@1 over the whole val set, the two labelled grids.
 
 After the VQGAN, encode -> tokenizer -> prior and CLIP run side by side, each on half the cores (--sequential: one
@@ -224,7 +224,7 @@ def render_report(r: dict) -> str:
                         ("new", "Prompts that are no caption of the set")):
         s = r["samples"].get(name)
         if s:
-            lines += [f"## {title}", "", f"`{s['command']}`", "", f"![{name} grid]({s['grid']})", ""]
+            lines += [f"## {title}", "", f"`{s['command']}`", "", f"![{name} grid](../{s['grid']})", ""]
     lines += ["## Stage times (s; stages run side by side overlap)", ""]
     lines += [f"- {k}: {v:g}" for k, v in r["timings_s"].items()]
     if r.get("caps_minutes"):
@@ -238,11 +238,11 @@ def render_report(r: dict) -> str:
 def write_report(out: str, recipe: Recipe, samples: dict, timings: dict, caps: dict, started: float,
                  command: str, title: str, minutes: float = 0.0) -> dict:
     """Evaluate the exported parts on the val shards, gather the training logs' last val metrics and the samples'
-    grids; write OUT/report.json and OUT/report.md. Returns the report."""
+    grids; write OUT/report/report.json and OUT/report/report.md (demo.evaluate.save_report: one set, swapped in
+    whole). Returns the report."""
     from clip_rank import ClipRanker
-    from core.files import atomic_file, write_json
     from data.shards import iter_captions
-    from demo.evaluate import _last_metrics
+    from demo.evaluate import _last_metrics, save_report
     from vqgan import VQGAN
 
     t0 = time.time()
@@ -258,9 +258,7 @@ def write_report(out: str, recipe: Recipe, samples: dict, timings: dict, caps: d
               "timings_s": {**timings, "report": round(time.time() - t0, 1)}, "caps_minutes": caps,
               "budget_minutes": minutes, "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     report["wall_minutes"] = (time.time() - started) / 60
-    write_json(os.path.join(out, "report.json"), report)
-    with atomic_file(os.path.join(out, "report.md")) as fh:
-        fh.write(render_report(report))
+    save_report(out, report, render_report(report))
     return report
 
 
@@ -343,7 +341,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     title = ("Noto Color Emoji" if not args.images else os.path.basename(images.rstrip("/"))) + \
         ": captioned images end to end"
     write_report(out, recipe, samples, timings, ran_caps, started, shown, title, minutes)
-    print(f"\nreport: {out}/report.md\ngrids:  " + "  ".join(f"{out}/{s['grid']}" for s in samples.values())
+    print(f"\nreport: {out}/report/report.md\ngrids:  " + "  ".join(f"{out}/{s['grid']}" for s in samples.values())
           + f"\nbundle: {out}/bundle (python generate.py --bundle {out}/bundle \"a prompt\" --out OUT)")
     return 0
 

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from core.files import atomic_file, write_json
+from core.files import atomic_folder, write_json
 from demo.report_markdown import ATTRIBUTES, fmt as _fmt, fmt_gain, render as _markdown
 from pipeline.images import labelled_grid, make_grid, save_png, to_uint8
 
@@ -213,7 +213,7 @@ def _last_metrics(run_dir: str, keys: Sequence[str]) -> dict[str, Optional[float
 def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, scales: Sequence[float],
                  temperatures: Sequence[float] = (1.0,), timings: Optional[dict] = None, seed: int = 0,
                  rank_shifts: int = 0, caps_minutes: Optional[dict] = None, bare_grid: bool = False) -> dict:
-    """Evaluate the exported parts in ``out``; write report.json, report.md and grid.png into ``out``. The scale
+    """Evaluate the exported parts in ``out``; write report.json, report.md and grid.png into ``out``/report. The scale
     sweep samples at ``temperatures[0]``; the other temperatures are then tried at the best scale. The sweeps rank
     with one CLIP view; the chosen setting is then ranked with ``rank_shifts`` test-time views (as
     ``generate.py --rank-shifts`` ranks). ``timings``: seconds per stage run before; the report adds its own.
@@ -278,12 +278,29 @@ def write_report(out: str, num_seen: int, num_heldout: int, candidates: int, sca
     else:
         grid = labelled_grid(rows, [("held out: " if chosen_grids[p][2] else "") + p for p in shown], nrow=keep,
                              scores=[s for p in shown for s in chosen_grids[p][1][:keep]])
-    save_png(grid, os.path.join(out, "grid.png"))
-    write_json(os.path.join(out, "report.json"), report)
-    write_json(os.path.join(out, "report_details.json"), details)
-    with atomic_file(os.path.join(out, "report.md")) as fh:
-        fh.write(_markdown(report))
+    save_report(out, report, _markdown(report), details, grid)
     return report
+
+
+REPORT_FOLDER = "report"
+
+
+def save_report(out: str, report: dict, markdown: str, details: Optional[dict] = None,
+                grid: Optional[torch.Tensor] = None) -> str:
+    """The report's files as one set, OUT/report/: report.json, report.md and, when given, report_details.json and
+    grid.png. They are written into a temporary folder that then replaces OUT/report in one step
+    (core.files.atomic_folder): a crash leaves the whole previous report or the whole new one, never the grid of one
+    beside the numbers of another. Returns the folder."""
+    folder = os.path.join(out, REPORT_FOLDER)
+    with atomic_folder(folder) as tmp:
+        if grid is not None:
+            save_png(grid, os.path.join(tmp, "grid.png"))
+        write_json(os.path.join(tmp, "report.json"), report)
+        if details is not None:
+            write_json(os.path.join(tmp, "report_details.json"), details)
+        with open(os.path.join(tmp, "report.md"), "w", encoding="utf-8") as fh:
+            fh.write(markdown)
+    return folder
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

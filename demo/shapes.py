@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("\n[bundle] the parts with the report's chosen sampling settings", flush=True)
         _run(bundle_command(out, sampling))
-    print(f"\nreport: {out}/report.md\ngrid:   {out}/grid.png\nbundle: {out}/bundle "
+    print(f"\nreport: {out}/report/report.md\ngrid:   {out}/report/grid.png\nbundle: {out}/bundle "
           f"(python generate.py --bundle {out}/bundle \"a small red circle in the center on a blue background\" "
           "--out OUT)")
     return 0

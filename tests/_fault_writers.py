@@ -310,6 +310,44 @@ class PriorToMinDalle(PriorFolder):
         return enc if enc == dec else f"mixed: encoder of version {enc}, decoder of version {dec}"
 
 
+class Report(Writer):
+    """demo.evaluate.save_report, the demo's report: report.json, report_details.json, report.md and grid.png,
+    replaced as one set (``check`` says "mixed" when the files come from two versions)."""
+
+    dest_name = "report"
+
+    def payload(self, version):
+        report = {"version": version}
+        details = {"version": version, "rows": [{"prompt": f"p{i}", "clip_scores": [0.5] * 16} for i in range(2000)]}
+        grid = torch.full((3, 512, 512), version % 256, dtype=torch.uint8)
+        return report, details, grid, f"# report {version}\n" + "row\n" * 20000
+
+    def write(self, dest, payload):
+        from demo.evaluate import save_report
+
+        report, details, grid, markdown = payload
+        save_report(os.path.dirname(dest), report, markdown, details, grid)
+
+    def check(self, dest):
+        import numpy as np
+        from PIL import Image
+
+        if not os.path.exists(dest):
+            return None
+        with open(os.path.join(dest, "report.json"), encoding="utf-8") as fh:
+            version = json.load(fh)["version"]
+        with open(os.path.join(dest, "report_details.json"), encoding="utf-8") as fh:
+            details = json.load(fh)
+        with open(os.path.join(dest, "report.md"), encoding="utf-8") as fh:
+            markdown = fh.read()
+        pixels = np.asarray(Image.open(os.path.join(dest, "grid.png")))
+        assert markdown.count("row\n") == 20000 and len(details["rows"]) == 2000 and pixels.shape == (512, 512, 3)
+        others = (details["version"], int(markdown.split()[2]), int(pixels[0, 0, 0]))
+        if others != (version, version, version % 256):
+            return f"mixed: report.json {version}, details/markdown/grid {others}"
+        return version
+
+
 class NaiveFile(Writer):
     """Not a writer of the project: a JSON file written in place, in pieces. The harness must catch it."""
 
@@ -405,5 +443,6 @@ WRITERS: dict[str, Callable[[], Writer]] = {
     "shards": Shards, "code_shards": CodeShards, "vqgan_folder": VQGANFolder, "prior_folder": PriorFolder,
     "clip_folder": ClipFolder, "bundle": Bundle, "export": Export, "checkpoint": Checkpoint,
     "vqgan_convert": ConvertedVQGAN, "prior_convert": ConvertedPrior, "prior_to_min_dalle": PriorToMinDalle,
+    "report": Report,
     "naive_file": NaiveFile,
 }

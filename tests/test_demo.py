@@ -21,14 +21,15 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path, capsys):
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     for path in ("shapes/manifest.json", "vqgan/export", "codes/train", "tokenizer/tokenizer.json",
-                 "bart_prior/export", "clip_rank/export", "bundle/vqgan", "report.json", "report.md", "grid.png"):
+                 "bart_prior/export", "clip_rank/export", "bundle/vqgan", "report/report.json", "report/report.md",
+                 "report/grid.png", "report/report_details.json"):
         assert (out / path).exists(), path
-    report = json.load(open(out / "report.json"))
+    report = json.load(open(out / "report" / "report.json"))
     from demo.shapes import PRESETS
 
     assert set(report["sweep"]) == {str(s) for s in PRESETS["tiny"].scales}
     assert set(report["temperature_sweep"]) == {str(t) for t in PRESETS["tiny"].temperatures}
-    check_choice_and_report(report, (out / "report.md").read_text())
+    check_choice_and_report(report, (out / "report" / "report.md").read_text())
     # the chosen settings go into the bundle the demo assembles last; the export it was evaluated on is untouched
     prior_config = json.load(open(out / "bundle" / "bart_prior" / "config.json"))
     assert (prior_config["condition_scale"], prior_config["temperature"]) == (report["condition_scale"],
@@ -49,7 +50,7 @@ def test_tiny_demo_end_to_end_and_rerun(tmp_path, capsys):
     assert report["reconstruction"]["images"] > 0 and report["reconstruction"]["psnr"] > 0
     assert report["prior"]["val/loss"] is not None and report["prior"]["val/caption_gain"] is not None
     assert report["timings_s"]["report"] > 0
-    assert Image.open(out / "grid.png").size[0] > 32
+    assert Image.open(out / "report" / "grid.png").size[0] > 32
     assert set(report["candidates_curve"]) == {"1", "2", "4"}  # tiny preset: 4 candidates
     assert report["candidates_curve"]["4"]["all"]["clip_best_all"] == report["chosen"]["all"]["clip_best_all"]
     # the chosen setting is ranked with the demo's shifted CLIP views, the sweeps with one view

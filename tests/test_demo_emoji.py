@@ -54,9 +54,9 @@ def test_recipe_end_to_end_on_a_folder_of_images_and_rerun(tmp_path):
     assert "prepare emoji" not in printed  # --images: no rendering step
     for path in ("shards/train", "shards/val", "vqgan/export", "codes/val/.done", "tokenizer/tokenizer.json",
                  "bart_prior/export", "clip_rank/export", "bundle/bundle.json", "samples/val/grid.png",
-                 "samples/val/results.json", "report.json", "report.md"):
+                 "samples/val/results.json", "report/report.json", "report/report.md"):
         assert (out / path).exists(), path
-    report = json.load(open(out / "report.json"))
+    report = json.load(open(out / "report" / "report.json"))
     assert report["counts"] == counts and report["images"] == 24
     v = report["vqgan"]
     assert v["images"] == counts["val"] and v["psnr"] > 0 and -1 <= v["ssim"] <= 1
@@ -74,8 +74,8 @@ def test_recipe_end_to_end_on_a_folder_of_images_and_rerun(tmp_path):
     assert [r["file"] for r in results] == ["000_00.png", "000_01.png"]
     grid = Image.open(out / "samples" / "val" / "grid.png")
     assert grid.size[0] > 2 * 34 + 2 and grid.size[1] > 2 * 34 + 2  # labelled: wider and taller than bare
-    md = (out / "report.md").read_text()
-    assert "![val grid](samples/val/grid.png)" in md and "![new grid](samples/new/grid.png)" in md
+    md = (out / "report" / "report.md").read_text()
+    assert "![val grid](../samples/val/grid.png)" in md and "![new grid](../samples/new/grid.png)" in md
     assert "recall@1" in md and "codebook usage" in md and "caption gain" in md and "PSNR" in md
     assert ("LPIPS (VGG) | n/a (" in md) == (v["lpips"] is None)
 

@@ -4,9 +4,9 @@ behind, and the next write completes by itself (tests/_fault_harness.py does the
 
 The table covers shard sets (`python -m data prepare`), code shards (`python -m vqgan.encode`), the three model
 folders (save_pretrained), bundle assembly (`train.py bundle`), the end-of-run export of train.py, training
-checkpoints, and the two converters. Each writer is killed with SIGKILL at random moments (seeded), made to hit a
-full disk (ENOSPC from Python's file writes after N bytes) and a file size limit (EFBIG from the system, whatever
-writes: Rust writers such as safetensors and tokenizers too) at several N.
+checkpoints, the two converters and the demo's report. Each writer is killed with SIGKILL at random moments
+(seeded), made to hit a full disk (ENOSPC from Python's file writes after N bytes) and a file size limit (EFBIG from
+the system, whatever writes: Rust writers such as safetensors and tokenizers too) at several N.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = os.path.join(REPO, "tests", "_fault_harness.py")
 WRITERS = ["shards", "code_shards", "vqgan_folder", "prior_folder", "clip_folder", "bundle", "export", "checkpoint",
-           "vqgan_convert", "prior_convert"]
+           "vqgan_convert", "prior_convert", "report"]
 # N as fractions of a full write's bytes (ENOSPC: all files together; EFBIG: the largest file)
 FAST_SIZES = "0,0.002,0.3,0.8"
 SLOW_SIZES = "0,0.0001,0.001,0.01,0.05,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.97,0.999"
