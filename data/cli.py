@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from data.errors import os_error
-    from data.prepare import inspect_shards, prepare_emoji, prepare_folder, prepare_shapes  # after argparse
+    from data.prepare import (inspect_shards, prepare_emoji, prepare_emoji_folder, prepare_folder,  # after argparse
+                              prepare_shapes)
 
     def progress(msg: str) -> None:
         print(f"wrote {msg}", file=sys.stderr)
@@ -64,10 +65,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                shard_size=args.shard_size, val_fraction=args.val_fraction, progress=progress)
             result = {"out": args.out, "counts": m["counts"], "splits": m["splits"]}
         elif args.source == "emoji" and args.as_folder:
-            from data.emoji import write_folder
-
-            m = write_folder(args.out, resolution=args.resolution, val_fraction=args.val_fraction, seed=args.seed,
-                             font=args.font, progress=progress)
+            m = prepare_emoji_folder(args.out, resolution=args.resolution, val_fraction=args.val_fraction,
+                                     seed=args.seed, font=args.font, progress=progress)
             result = {"out": args.out, "candidates": m["candidates"], "counts": m["counts"], "skipped": m["skipped"],
                       "splits": {split: f"{args.out}/{split}" for split in m["counts"]}}
         elif args.source == "emoji":

@@ -10,9 +10,9 @@ and unqualified spellings are left out: they render the same glyph as their full
 
 Any TrueType font works (``font_path``, ``font_size``): the tests use DejaVuSans, whose few symbols render black.
 
-:func:`write_folder` writes the same images as a folder of PNG files with same-stem ``.txt`` captions (``python -m
-data prepare emoji --as-folder``): the input of ``python -m data prepare folder``, as a user's own images are, which
-the emoji recipe (``python -m demo emoji``, docs/emoji.md) starts from.
+:func:`data.prepare.prepare_emoji_folder` writes the same images as a folder of PNG files with same-stem ``.txt``
+captions (``python -m data prepare emoji --as-folder``): the input of ``python -m data prepare folder``, as a user's
+own images are, which the emoji recipe (``python -m demo emoji``, docs/emoji.md) starts from.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ from typing import Optional
 
 from PIL import Image, ImageDraw, ImageFont, features
 
-from core.files import write_json
 from data.errors import DataError
 
 DEFAULT_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -133,59 +132,6 @@ def render_split(names: dict[str, str], font: ImageFont.FreeTypeFont, resolution
     return kept, skipped, {"val": order[:n_val], "train": order[n_val:]}
 
 
-FOLDER_MANIFEST = "emoji.json"
-
-
 def file_stem(text: str) -> str:
     """An emoji's file name without extension: its code points in hex joined by "-" (``1F468-200D-1F469``)."""
     return "-".join(f"{ord(c):04X}" for c in text)
-
-
-def write_folder(out: str, resolution: int = 64, val_fraction: float = 0.05, seed: int = 0,
-                 font: Optional[str] = None, font_size: int = FONT_SIZE, names: Optional[dict[str, str]] = None,
-                 progress=None) -> dict:
-    """Render every emoji of ``names`` (default: the ``emoji`` package's table) as a folder of captioned images, the
-    layout ``python -m data prepare folder`` reads: OUT/train/STEM.png + OUT/train/STEM.txt (its caption) and the
-    same under OUT/val/, STEM being the code points (:func:`file_stem`), then OUT/emoji.json (settings, counts,
-    skipped names) last. Rendering, skips and the split are those of ``python -m data prepare emoji``: the kept emoji
-    in code point order, split by a ``seed``-ed permutation whose first ``val_fraction`` goes to val. A rerun with
-    the same settings finds OUT/emoji.json and returns it; other settings are refused. Returns the manifest."""
-    import json
-
-    if not 0 < val_fraction < 1:
-        raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    if resolution < 16:
-        raise DataError(f"--resolution must be >= 16, got {resolution}")
-    font_path = font or DEFAULT_FONT
-    loaded = load_font(font_path, font_size)  # first: a missing font is the likeliest problem
-    version = "custom"
-    if names is None:
-        names, version = emoji_names()
-    settings = {"seed": seed, "resolution": resolution, "val_fraction": val_fraction,
-                "font": os.path.abspath(font_path), "font_size": font_size, "names": version, "names_count": len(names),
-                "layout": layout_engine()}
-    manifest_path = os.path.join(out, FOLDER_MANIFEST)
-    if os.path.isfile(manifest_path):
-        with open(manifest_path, encoding="utf-8") as fh:
-            done = json.load(fh)
-        if done.get("settings") != settings:
-            raise DataError(f"{out} holds an emoji folder made with other settings ({done.get('settings')}); "
-                            "choose another --out or remove it")
-        return done
-    kept, skipped, splits = render_split(names, loaded, resolution, seed, val_fraction, font_path)
-    for split, items in splits.items():
-        folder = os.path.join(out, split)
-        os.makedirs(folder, exist_ok=True)
-        for j in items:
-            text, image = kept[j]
-            stem = os.path.join(folder, file_stem(text))
-            image.save(stem + ".png", format="PNG", compress_level=6)
-            with open(stem + ".txt", "w", encoding="utf-8") as fh:
-                fh.write(names[text] + "\n")
-        if progress:
-            progress(f"{len(items)} images + captions in {folder}")
-    manifest = {"name": "emoji", "settings": settings, "candidates": len(names),
-                "counts": {k: len(v) for k, v in splits.items()},
-                "skipped": {reason: len(v) for reason, v in skipped.items()}, "skipped_names": skipped}
-    write_json(manifest_path, manifest)  # last: its presence says the folder is complete
-    return manifest

@@ -69,9 +69,9 @@ def _check_split_args(val_fraction: float, resolution: int, shard_size: int) -> 
 MANIFEST, PENDING = "manifest.json", ".prepare.json"  # PENDING holds the settings while shards are being written
 
 
-def _refuse_other_settings(out: str, settings: dict, what: str) -> None:
-    """A rerun must not mix shards made with other settings."""
-    for path in (os.path.join(out, MANIFEST), os.path.join(out, PENDING)):
+def _refuse_other_settings(out: str, settings: dict, what: str, files: tuple[str, ...] = (MANIFEST, PENDING)) -> None:
+    """A rerun must not mix shards (or images) made with other settings."""
+    for path in (os.path.join(out, name) for name in files):
         if os.path.exists(path):
             old = read_json(path).get("settings")
             if old != settings:
@@ -132,6 +132,25 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _emoji_start(val_fraction: float, resolution: int, seed: int, font: Optional[str], font_size: int,
+                 names: Optional[dict[str, str]], shard_size: int = 1
+                 ) -> tuple[str, Any, dict[str, str], dict[str, Any]]:
+    """Checks the arguments and loads the font (first: a missing font is the likeliest problem) and the names.
+    Returns (font path, font, names, the settings that identify the rendered set)."""
+    _check_split_args(val_fraction, resolution, shard_size)
+    font_path = font or emoji_set.DEFAULT_FONT
+    loaded = emoji_set.load_font(font_path, font_size)
+    names_version = "custom"
+    if names is None:
+        names, names_version = emoji_set.emoji_names()
+    table = json.dumps(sorted(names.items()), ensure_ascii=False).encode("utf-8")
+    settings = {"seed": seed, "resolution": resolution, "val_fraction": val_fraction,
+                "font": os.path.abspath(font_path), "font_sha256": _sha256(font_path), "font_size": font_size,
+                "names": names_version, "names_sha256": hashlib.sha256(table).hexdigest(),
+                "layout": emoji_set.layout_engine()}
+    return font_path, loaded, names, settings
+
+
 def prepare_emoji(out: str, resolution: int = 64, val_fraction: float = 0.05, seed: int = 0, shard_size: int = 1000,
                   font: Optional[str] = None, font_size: int = emoji_set.FONT_SIZE,
                   names: Optional[dict[str, str]] = None, progress: Progress = None) -> dict:
@@ -142,17 +161,9 @@ def prepare_emoji(out: str, resolution: int = 64, val_fraction: float = 0.05, se
     The kept emoji (in code point order) are split by a ``seed``-ed permutation: its first ``val_fraction`` goes to
     val; both splits are written in permutation order. A rerun skips finished shards.
     """
-    _check_split_args(val_fraction, resolution, shard_size)
-    font_path = font or emoji_set.DEFAULT_FONT
-    loaded = emoji_set.load_font(font_path, font_size)  # first: a missing font is the likeliest problem
-    names_version = "custom"
-    if names is None:
-        names, names_version = emoji_set.emoji_names()
-    table = json.dumps(sorted(names.items()), ensure_ascii=False).encode("utf-8")
-    settings = {"seed": seed, "resolution": resolution, "val_fraction": val_fraction, "shard_size": shard_size,
-                "font": os.path.abspath(font_path), "font_sha256": _sha256(font_path), "font_size": font_size,
-                "names": names_version, "names_sha256": hashlib.sha256(table).hexdigest(),
-                "layout": emoji_set.layout_engine()}
+    font_path, loaded, names, settings = _emoji_start(val_fraction, resolution, seed, font, font_size, names,
+                                                      shard_size)
+    settings["shard_size"] = shard_size
     _refuse_other_settings(out, settings, "an emoji set")
     rendered, skipped, split_items = emoji_set.render_split(names, loaded, resolution, seed, val_fraction, font_path)
     kept = [(text, emoji_set.png_bytes(image)) for text, image in rendered]
@@ -171,6 +182,41 @@ def prepare_emoji(out: str, resolution: int = 64, val_fraction: float = 0.05, se
                 "json": json.dumps(meta, ensure_ascii=False, sort_keys=True)}
 
     return _write_splits(out, manifest, {k: len(v) for k, v in split_items.items()}, shard_size, make, progress)
+
+
+EMOJI_FOLDER_MANIFEST = "emoji.json"
+
+
+def prepare_emoji_folder(out: str, resolution: int = 64, val_fraction: float = 0.05, seed: int = 0,
+                         font: Optional[str] = None, font_size: int = emoji_set.FONT_SIZE,
+                         names: Optional[dict[str, str]] = None, progress: Progress = None) -> dict:
+    """The images of :func:`prepare_emoji` (same renders, skips and split) as a folder of captioned images, the
+    layout :func:`prepare_folder` reads: OUT/train/STEM.png + OUT/train/STEM.txt (its caption) and the same under
+    OUT/val/, STEM being the code points (:func:`data.emoji.file_stem`), then OUT/emoji.json (settings, counts,
+    skipped names) last. A rerun with the same settings finds OUT/emoji.json and returns it; other settings are
+    refused. Returns the manifest."""
+    font_path, loaded, names, settings = _emoji_start(val_fraction, resolution, seed, font, font_size, names)
+    manifest_path = os.path.join(out, EMOJI_FOLDER_MANIFEST)
+    _refuse_other_settings(out, settings, "an emoji folder", (EMOJI_FOLDER_MANIFEST,))
+    if os.path.isfile(manifest_path):
+        return read_json(manifest_path)
+    kept, skipped, splits = emoji_set.render_split(names, loaded, resolution, seed, val_fraction, font_path)
+    for split, items in splits.items():
+        folder = os.path.join(out, split)
+        os.makedirs(folder, exist_ok=True)
+        for j in items:
+            text, image = kept[j]
+            stem = os.path.join(folder, emoji_set.file_stem(text))
+            image.save(stem + ".png", format="PNG", compress_level=6)
+            with open(stem + ".txt", "w", encoding="utf-8") as fh:
+                fh.write(names[text] + "\n")
+        if progress:
+            progress(f"{len(items)} images + captions in {folder}")
+    manifest = {"name": "emoji", "settings": settings, "candidates": len(names),
+                "counts": {k: len(v) for k, v in splits.items()},
+                "skipped": {reason: len(v) for reason, v in skipped.items()}, "skipped_names": skipped}
+    _write_json(manifest_path, manifest)  # last: its presence says the folder is complete
+    return manifest
 
 
 # ---- a folder of captioned images ------------------------------------------------------------------------------

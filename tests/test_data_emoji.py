@@ -161,10 +161,10 @@ def test_real_noto_emoji_render_in_colour():
 def test_as_folder_writes_what_prepare_folder_reads_with_the_same_split(emoji_dir, font_path, tmp_path, capsys):
     """--as-folder: the same images and split as the shards, as STEM.png + STEM.txt per split, which `prepare folder`
     turns into shards like any user's folder; a rerun finds it done, other settings are refused."""
-    from data.prepare import prepare_folder
+    from data.prepare import prepare_emoji_folder, prepare_folder
 
     out = str(tmp_path / "folder")
-    m = emoji_set.write_folder(out, resolution=32, val_fraction=0.2, font=font_path, font_size=40, names=NAMES)
+    m = prepare_emoji_folder(out, resolution=32, val_fraction=0.2, font=font_path, font_size=40, names=NAMES)
     assert m["counts"] == {"train": 22, "val": 5} and m["skipped"] == {"blank": 1, "not_single_glyph": 1}
     stems = []
     for split in ("train", "val"):
@@ -180,10 +180,9 @@ def test_as_folder_writes_what_prepare_folder_reads_with_the_same_split(emoji_di
     assert sorted(stems) == sorted(f"{ord(c):04X}" for c in "ABCDEFGHKMNPRSTUVXYZ2345678")  # code points
     caption = open(os.path.join(out, "val", stems[-1] + ".txt"), encoding="utf-8").read()
     assert caption == f"glyph {chr(int(stems[-1], 16))}\n"
-    assert emoji_set.write_folder(out, resolution=32, val_fraction=0.2, font=font_path, font_size=40,
-                                  names=NAMES) == m
+    assert prepare_emoji_folder(out, resolution=32, val_fraction=0.2, font=font_path, font_size=40, names=NAMES) == m
     with pytest.raises(DataError, match="other settings"):
-        emoji_set.write_folder(out, resolution=32, val_fraction=0.2, font=font_path, font_size=40, names=NAMES, seed=3)
+        prepare_emoji_folder(out, resolution=32, val_fraction=0.2, font=font_path, font_size=40, names=NAMES, seed=3)
     assert emoji_set.file_stem("👍🏽") == "1F44D-1F3FD"
     # the command line: the font is checked first, in one line
     assert main(["prepare", "emoji", "--as-folder", "--out", str(tmp_path / "x"), "--font",
