@@ -322,19 +322,13 @@ class ClipModule(ShardedModule):
         self.log("train/logit_scale", scale.detach().float(), batch_size=bs)
         return loss
 
-    def clamp_temperature(self) -> None:
-        # CLIP clamps the learned temperature after each update; otherwise it can run away on easy data.
-        with torch.no_grad():
-            self.model.clip.logit_scale.clamp_(0, math.log(self.cfg.loss.max_logit_scale))
-
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
-        # right after the update: a checkpoint saved at the end of the step (callbacks' on_train_batch_end, which
-        # run before this module's) then holds the clamped value, and a resumed run starts from it
-        self.clamp_temperature()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.clamp_temperature()  # a no-op after optimizer_step; kept for steps taken outside it
+        # CLIP clamps the learned temperature after each update; otherwise it can run away on easy data. Here, right
+        # after the update (every update of this automatically optimized module passes through here): a checkpoint
+        # saved at the end of the step then holds the clamped value, and a resumed run starts from it.
+        with torch.no_grad():
+            self.model.clip.logit_scale.clamp_(0, math.log(self.cfg.loss.max_logit_scale))
 
     def _evaluate(self, images: torch.Tensor, captions: list, prefix: str, negatives: list) -> None:
         neg_texts, owners = flatten_negatives(negatives)
