@@ -140,7 +140,7 @@ def vqgan_eval(vqgan: Any, pattern: str, batch_size: int = 64) -> dict:
     weights are on this machine (else ``lpips`` None and ``lpips_missing`` saying why), codebook usage."""
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    from data import iter_samples
+    from demo.evaluate import reconstructions
     from vqgan.perceptual import FrozenLPIPS, LPIPSWeightsMissing
 
     try:
@@ -148,13 +148,8 @@ def vqgan_eval(vqgan: Any, pattern: str, batch_size: int = 64) -> dict:
     except LPIPSWeightsMissing as exc:
         lpips, missing = None, str(exc).split(":")[0]
     psnr, ssim, dist, used, n = [], [], [], set(), 0
-    batch: list[torch.Tensor] = []
-
-    def flush() -> None:
-        x = torch.stack(batch)
+    for _, x, codes, rec in reconstructions(vqgan, pattern, vqgan.image_size, batch_size=batch_size):
         with torch.inference_mode():
-            codes = vqgan.encode(x)
-            rec = vqgan.decode(codes).float().clamp(-1, 1)
             x01, r01 = (x + 1) / 2, (rec + 1) / 2
             psnr.extend(peak_signal_noise_ratio(r01, x01, data_range=1.0, reduction="none",
                                                 dim=(1, 2, 3)).tolist())
@@ -162,15 +157,7 @@ def vqgan_eval(vqgan: Any, pattern: str, batch_size: int = 64) -> dict:
             if lpips is not None:
                 dist.extend(lpips(rec, x).tolist())
         used.update(codes.flatten().tolist())
-        batch.clear()
-
-    for sample in iter_samples(pattern, mode="images", image_size=vqgan.image_size):
-        batch.append(sample["image"])
-        n += 1
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
+        n += len(x)
     mean = lambda xs: float(sum(xs) / len(xs)) if xs else None  # noqa: E731
     return {"images": n, "psnr": mean(psnr), "ssim": mean(ssim), "lpips": mean(dist), "lpips_missing": missing,
             "codes_used": len(used), "codebook_usage": len(used) / vqgan.codebook_size}

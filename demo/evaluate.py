@@ -18,7 +18,8 @@ from __future__ import annotations
 import csv
 import os
 import time
-from typing import Any, Optional, Sequence
+from itertools import islice
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -41,35 +42,32 @@ def val_prompts(out: str, num_seen: int, num_heldout: int) -> list[tuple[str, bo
     return [(p["caption"], p["heldout"]) for p in pick(os.path.join(out, "shapes"), num_seen, num_heldout)]
 
 
-def reconstruction_eval(vqgan: Any, pattern: str, image_size: int, limit: int = 512,
-                        batch_size: int = 64) -> dict[str, float]:
-    """PSNR and oracle intactness of VQGAN reconstructions of val images."""
+def reconstructions(vqgan: Any, pattern: str, image_size: int, limit: Optional[int] = None,
+                    batch_size: int = 64) -> Iterator[tuple[list[dict], torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The first ``limit`` images of ``pattern`` (all without a limit) through the VQGAN, in batches: (samples,
+    images, codes, reconstructions clamped to [-1, 1])."""
     from data import iter_samples
 
-    score = _oracle()
-    intact, psnrs, used = [], [], set()
-    batch: list[dict] = []
-
-    def flush() -> None:
+    samples = islice(iter_samples(pattern, mode="images", image_size=image_size), limit)
+    while batch := list(islice(samples, batch_size)):
         images = torch.stack([s["image"] for s in batch])
         with torch.inference_mode():
             codes = vqgan.encode(images)
             recon = vqgan.decode(codes).float().clamp(-1, 1)
+        yield batch, images, codes, recon
+
+
+def reconstruction_eval(vqgan: Any, pattern: str, image_size: int, limit: int = 512,
+                        batch_size: int = 64) -> dict[str, float]:
+    """PSNR and oracle intactness of VQGAN reconstructions of val images."""
+    score = _oracle()
+    intact, psnrs, used = [], [], set()
+    for batch, images, codes, recon in reconstructions(vqgan, pattern, image_size, limit, batch_size):
         used.update(codes.flatten().tolist())
         mse = ((recon - images) ** 2).flatten(1).mean(1) / 4.0  # [-1,1] -> [0,1] scale
         psnrs.extend((-10 * torch.log10(mse.clamp_min(1e-10))).tolist())
         for s, img in zip(batch, to_uint8(recon)):
             intact.append(score(s["caption"], img)["all"])
-        batch.clear()
-
-    for i, sample in enumerate(iter_samples(pattern, mode="images", image_size=image_size)):
-        if i >= limit:
-            break
-        batch.append(sample)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
     return {"images": len(intact), "oracle_all_correct": float(np.mean(intact)), "psnr": float(np.mean(psnrs)),
             "codes_used": len(used), "codebook_usage": len(used) / vqgan.codebook_size}
 
